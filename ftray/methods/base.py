@@ -1,0 +1,118 @@
+"""The method API: a registered class with a typed `Config` and a few optional hooks.
+
+Every hook's default does nothing, so a method implements only what its paper changes. The loop
+calls each hook for every method in the run's list order and never looks at a method's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import datasets
+
+    from ftray.config import RunSpec
+
+HOOKS = (
+    "prepare_data",
+    "corrupt_batch",
+    "prepare_model",
+    "param_groups",
+    "loss",
+    "on_step",
+    "after_backward",
+    "phases",
+    "finalize",
+)
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Phase:
+    """One training phase of a multi-phase method; `fraction` of the run's optimizer steps."""
+
+    name: str
+    fraction: float = 1.0
+
+
+@dataclass
+class Context:
+    """What a hook may need to know about the run and this worker."""
+
+    spec: RunSpec
+    tokenizer: Any
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0
+    max_steps: int = 1
+    phase: str = "train"
+    generator: torch.Generator = field(default_factory=torch.Generator)  # per-rank, seeded, resumable
+
+
+class Method:
+    """A fine-tuning method; subclasses set `name`, `paper`, `Config` and override hooks."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    incompatible: ClassVar[tuple[str, ...]] = ()  # registry names this method cannot run with
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    def prepare_data(self, ds: datasets.Dataset, ctx: Context) -> datasets.Dataset:
+        """Rewrite the raw training rows once, before tokenization."""
+        return ds
+
+    def corrupt_batch(self, batch: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
+        """Change a micro-batch's inputs (never its labels) before the forward pass."""
+        return batch
+
+    def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+        """Wrap or freeze the model once per phase, before the optimizer is built."""
+        return model
+
+    def param_groups(self, model: torch.nn.Module, ctx: Context) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups, or None to leave the default (all trainable parameters)."""
+        return None
+
+    def loss(self, model: torch.nn.Module, batch: dict, out: Any, ctx: Context) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """An extra loss term added to the cross-entropy, and metrics to log."""
+        return None, {}
+
+    def on_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Context) -> None:
+        """Called before each optimizer step's first forward pass."""
+
+    def after_backward(self, model: torch.nn.Module, ctx: Context) -> None:
+        """Called after gradients are all-reduced, before clipping and `optimizer.step()`."""
+
+    def phases(self) -> list[Phase] | None:
+        """Several training phases (e.g. dense → select → sparse), or None for one."""
+        return None
+
+    def finalize(self, model: torch.nn.Module, base: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+        """Post-process the trained model (full weights, on one process) before the final export."""
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state saved in checkpoints (e.g. a current selection)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    @classmethod
+    def hooks(cls) -> list[str]:
+        """Names of the hooks this method overrides."""
+        return [h for h in HOOKS if getattr(cls, h) is not getattr(Method, h)]
