@@ -1,0 +1,33 @@
+"""Evaluation: exact match by greedy generation, perplexity; `evaluate` runs both on a model or checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+
+from ftray.data import detect_format, load_rows, tokenize_dataset
+from ftray.eval.generate import exact_match, perplexity
+from ftray.eval.loading import load_checkpoint
+
+
+def evaluate(model_ref: str, source: str = "bundled:arithmetic", split: str = "test", max_samples: int | None = 200,
+             max_new_tokens: int = 96, max_len: int = 512, threads: int | None = None) -> dict[str, Any]:
+    """Exact match (generation) and perplexity of `model_ref` (checkpoint dir, path or alias) on a split."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_checkpoint(model_ref)
+    ds = load_rows(source, split, max_samples)
+    fmt = detect_format(ds)
+    rows = ds.to_list()
+    result = exact_match(model, tokenizer, rows, fmt, max_new_tokens)
+    tokenized = tokenize_dataset(ds, tokenizer, fmt, max_len, source_name=f"{source}[{split}]").to_list()
+    result["perplexity"] = perplexity(model, tokenized, tokenizer.pad_token_id)
+    return {"model": model_ref, "source": source, "split": split, **result}
+
+
+def evaluate_on_ray(model_ref: str, num_cpus: int = 2, **kwargs: Any) -> dict[str, Any]:
+    """Run `evaluate` as a Ray task (on the cluster when attached to one)."""
+    task = ray.remote(num_cpus=num_cpus)(evaluate)
+    return ray.get(task.remote(model_ref, threads=num_cpus, **kwargs))

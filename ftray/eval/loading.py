@@ -1,0 +1,32 @@
+"""Load what ftray trained (or any model name) for evaluation and serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftray.models import load_model, load_tokenizer
+
+
+def base_model_of(ckpt: Path) -> tuple[str, str | None]:
+    """The base model name (and gguf file) recorded in a checkpoint's run spec or adapter config."""
+    spec_file = ckpt / "ftray_spec.yaml"
+    if spec_file.exists():
+        model = yaml.safe_load(spec_file.read_text())["model"]
+        return model["name"], model.get("gguf_file")
+    adapter = yaml.safe_load((ckpt / "adapter_config.json").read_text())  # JSON is YAML
+    return adapter["base_model_name_or_path"], None
+
+
+def load_checkpoint(path: str | Path, merge: bool = True) -> tuple[Any, Any]:
+    """(model, tokenizer) from a checkpoint dir (PEFT adapter or full), or from a model name/alias."""
+    p = Path(path)
+    if (p / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        name, gguf = base_model_of(p)
+        model = PeftModel.from_pretrained(load_model(name, gguf_file=gguf), p)
+        return (model.merge_and_unload() if merge else model), load_tokenizer(str(p))
+    return load_model(str(path)), load_tokenizer(str(path))

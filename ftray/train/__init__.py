@@ -1,0 +1,1 @@
+"""Training on Ray Train: the one loop, its trainer builder and checkpoints."""

@@ -1,0 +1,135 @@
+"""Driver side of a training run: data → `TorchTrainer` → fit → final export.
+
+`run(spec)` works the same on a laptop (it starts a local Ray) and inside `ray job submit` (it
+attaches to the cluster through RAY_ADDRESS): Ray decides where the workers go.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ftray.config import RunSpec
+from ftray.data import detect_format, load_rows, pack, tokenize_dataset
+from ftray.methods import Context, build_methods
+from ftray.models import load_tokenizer
+from ftray.train.checkpoint import TRAIN_STATE
+from ftray.train.loop import train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind."""
+
+    run_dir: Path
+    final_dir: Path | None  # HF-compatible export with `finalize` hooks applied
+    checkpoint_dir: str | None  # Ray's latest checkpoint (storage path)
+    metrics: dict[str, Any]
+
+
+def ensure_ray() -> None:
+    """Attach to the cluster in RAY_ADDRESS (ray job submit) or start a local Ray."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, include_dashboard=False)
+
+
+def run_name(spec: RunSpec, recipe: str | None = None) -> str:
+    """The run's directory name: `output.name`, else recipe stem + timestamp."""
+    return spec.output.name or f"{Path(recipe).stem if recipe else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def tokenized_rows(spec: RunSpec, source: str, split: str, max_samples: int | None, tokenizer: Any, methods: list | None) -> list[dict]:
+    """Load, let methods rewrite (training data only), tokenize and optionally pack rows."""
+    ds = load_rows(source, split, max_samples)
+    fmt = detect_format(ds) if spec.data.format == "auto" else spec.data.format
+    if methods:
+        ctx = Context(spec=spec, tokenizer=tokenizer)
+        for m in methods:
+            ds = m.prepare_data(ds, ctx)
+    ds = tokenize_dataset(ds, tokenizer, fmt, spec.data.max_len, source_name=f"{source}[{split}]")
+    rows = ds.to_list()
+    return pack(rows, spec.data.max_len) if spec.data.packing else rows
+
+
+def build_trainer(spec: RunSpec, name: str, methods: list | None = None) -> TorchTrainer:
+    """A `TorchTrainer` for `spec`: tokenized data in the object store, scaling/failure/checkpoint configs."""
+    methods = methods if methods is not None else build_methods(spec.methods)
+    tokenizer = load_tokenizer(spec.model.name, spec.model.gguf_file)
+    train = tokenized_rows(spec, spec.data.source, spec.data.split, spec.data.max_samples, tokenizer, methods)
+    eval_rows = tokenized_rows(spec, spec.data.eval_source or spec.data.source, spec.data.eval_split, spec.data.eval_max_samples, tokenizer, None)
+    storage = storage_path(spec)
+    config = {
+        "spec": spec.model_dump(mode="json"),
+        "train_rows": ray.put(train),
+        "eval_rows": ray.put(eval_rows),
+        "run_dir": str(Path(storage) / name) if "://" not in storage else tempfile.mkdtemp(prefix=f"ftray-{name}-"),
+    }
+    s = spec.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.output.keep_checkpoints),
+        ),
+    )
+
+
+def storage_path(spec: RunSpec) -> str:
+    """`output.dir` as Ray wants it: an absolute local path or a filesystem URI."""
+    return spec.output.dir if "://" in spec.output.dir else str(Path(spec.output.dir).resolve())
+
+
+def run(spec: RunSpec, recipe: str | None = None) -> TrainResult:
+    """Train `spec` on Ray Train, then write `<run_dir>/final` with `finalize` hooks applied."""
+    ensure_ray()
+    name = run_name(spec, recipe)
+    methods = build_methods(spec.methods)
+    result = build_trainer(spec, name, methods).fit()
+    run_dir = Path(storage_path(spec)) / name
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    final = None
+    if ckpt and "://" not in storage_path(spec):
+        final = Path(ray.get(export_final.remote(spec.model_dump(mode="json"), ckpt, str(run_dir / "final"))))
+    return TrainResult(run_dir, final, ckpt, dict(result.metrics or {}))
+
+
+@ray.remote(num_cpus=1)
+def export_final(spec_dict: dict, ckpt_dir: str, out_dir: str) -> str:
+    """Apply every method's `finalize` to the last checkpoint and write `out_dir` atomically."""
+    from ftray.eval.loading import load_checkpoint
+    from ftray.models import load_model
+
+    spec = RunSpec.model_validate(spec_dict)
+    methods = build_methods(spec.methods)
+    out = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=out.parent))
+    if not any("finalize" in type(m).hooks() for m in methods):
+        shutil.copytree(ckpt_dir, tmp, dirs_exist_ok=True)
+        (tmp / TRAIN_STATE).unlink(missing_ok=True)
+    else:
+        model, tokenizer = load_checkpoint(ckpt_dir)
+        base = load_model(spec.model.name, gguf_file=spec.model.gguf_file)
+        ctx = Context(spec=spec, tokenizer=tokenizer)
+        for m in methods:
+            model = m.finalize(model, base, ctx)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.copy(Path(ckpt_dir) / "ftray_spec.yaml", tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return str(out)
