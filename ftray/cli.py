@@ -36,23 +36,17 @@ def train(
     except SpecError as err:
         _fail(str(err))
     from ftray.data import DataError
-    from ftray.eval import evaluate_on_ray
     from ftray.models import ModelLoadError
-    from ftray.train.trainer import ensure_ray, run
+    from ftray.train.trainer import run
 
     t0 = time.perf_counter()
     try:
-        ensure_ray()
-        eval_args = dict(source=spec.data.eval_source or spec.data.source, split=spec.data.eval_split, max_samples=spec.data.eval_max_samples)
-        before = evaluate_on_ray(spec.model.name, **eval_args) if eval_ else None
-        result = run(spec, recipe)
-        after = evaluate_on_ray(str(result.final_dir), **eval_args) if eval_ and result.final_dir else None
+        result = run(spec, recipe, evaluate=eval_)
     except (DataError, ModelLoadError, ValueError) as err:
         _fail(f"error: {err}")
-    summary = {"run_dir": str(result.run_dir), "final": str(result.final_dir), "wall_s": round(time.perf_counter() - t0, 1)}
-    if before and after:
-        summary |= {"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
-                    "perplexity_before": round(before["perplexity"], 3), "perplexity_after": round(after["perplexity"], 3)}
+    keys = ("exact_match_before", "exact_match_after", "perplexity_before", "perplexity_after", "loss", "eval_loss")
+    summary = {"run_dir": str(result.run_dir), "final": str(result.final_dir), "wall_s": round(time.perf_counter() - t0, 1),
+               **{k: result.metrics[k] for k in keys if k in result.metrics}}
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(json.dumps(summary, indent=2))
 

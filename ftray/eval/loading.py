@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import AutoTokenizer
 
 from ftray.models import load_model, load_tokenizer
 
@@ -28,5 +29,5 @@ def load_checkpoint(path: str | Path, merge: bool = True) -> tuple[Any, Any]:
 
         name, gguf = base_model_of(p)
         model = PeftModel.from_pretrained(load_model(name, gguf_file=gguf), p)
-        return (model.merge_and_unload() if merge else model), load_tokenizer(str(p))
+        return (model.merge_and_unload() if merge else model), AutoTokenizer.from_pretrained(p)
     return load_model(str(path)), load_tokenizer(str(path))

@@ -184,7 +184,10 @@ def train_step(model, batches, methods, optimizer, scheduler, ctx: Context, amp)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": total_loss / max(1, n_tokens), "lr": scheduler.get_last_lr()[0], **extra_metrics}
+    totals = torch.tensor([total_loss, n_tokens], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)  # log the global token-mean loss, identical on every rank
+    return {"loss": float(totals[0] / totals[1].clamp(min=1)), "lr": scheduler.get_last_lr()[0], **extra_metrics}
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ftray.config import RunSpec
 from ftray.data import detect_format, load_rows, pack, tokenize_dataset
+from ftray.eval import evaluate_on_ray
 from ftray.methods import Context, build_methods
 from ftray.models import load_tokenizer
 from ftray.train.checkpoint import TRAIN_STATE
@@ -39,7 +40,7 @@ class TrainResult:
 def ensure_ray() -> None:
     """Attach to the cluster in RAY_ADDRESS (ray job submit) or start a local Ray."""
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, include_dashboard=False)
+        ray.init()
 
 
 def run_name(spec: RunSpec, recipe: str | None = None) -> str:
@@ -60,12 +61,17 @@ def tokenized_rows(spec: RunSpec, source: str, split: str, max_samples: int | No
     return pack(rows, spec.data.max_len) if spec.data.packing else rows
 
 
-def build_trainer(spec: RunSpec, name: str, methods: list | None = None) -> TorchTrainer:
-    """A `TorchTrainer` for `spec`: tokenized data in the object store, scaling/failure/checkpoint configs."""
-    methods = methods if methods is not None else build_methods(spec.methods)
+def prepare_rows(spec: RunSpec, methods: list) -> tuple[list[dict], list[dict]]:
+    """Tokenized training and evaluation rows; bad rows fail here, before any Ray work."""
     tokenizer = load_tokenizer(spec.model.name, spec.model.gguf_file)
     train = tokenized_rows(spec, spec.data.source, spec.data.split, spec.data.max_samples, tokenizer, methods)
-    eval_rows = tokenized_rows(spec, spec.data.eval_source or spec.data.source, spec.data.eval_split, spec.data.eval_max_samples, tokenizer, None)
+    eval_source = spec.data.eval_source or spec.data.source
+    eval_rows = tokenized_rows(spec, eval_source, spec.data.eval_split, spec.data.eval_max_samples, tokenizer, None)
+    return train, eval_rows
+
+
+def build_trainer(spec: RunSpec, name: str, train: list[dict], eval_rows: list[dict]) -> TorchTrainer:
+    """A `TorchTrainer` for `spec`: tokenized rows in the object store, scaling/failure/checkpoint configs."""
     storage = storage_path(spec)
     config = {
         "spec": spec.model_dump(mode="json"),
@@ -93,18 +99,29 @@ def storage_path(spec: RunSpec) -> str:
     return spec.output.dir if "://" in spec.output.dir else str(Path(spec.output.dir).resolve())
 
 
-def run(spec: RunSpec, recipe: str | None = None) -> TrainResult:
-    """Train `spec` on Ray Train, then write `<run_dir>/final` with `finalize` hooks applied."""
+def run(spec: RunSpec, recipe: str | None = None, evaluate: bool = False) -> TrainResult:
+    """Train `spec` on Ray Train and write `<run_dir>/final` with `finalize` hooks applied.
+
+    With `evaluate`, exact match and perplexity of the base model and of the result are measured
+    on the eval split (as Ray tasks) and stored in the result's metrics.
+    """
+    methods = build_methods(spec.methods)
+    train, eval_rows = prepare_rows(spec, methods)
     ensure_ray()
     name = run_name(spec, recipe)
-    methods = build_methods(spec.methods)
-    result = build_trainer(spec, name, methods).fit()
+    eval_args = {"source": spec.data.eval_source or spec.data.source, "split": spec.data.eval_split, "max_samples": spec.data.eval_max_samples}
+    before = evaluate_on_ray(spec.model.name, **eval_args) if evaluate else None
+    result = build_trainer(spec, name, train, eval_rows).fit()
     run_dir = Path(storage_path(spec)) / name
     ckpt = result.checkpoint.path if result.checkpoint else None
     final = None
     if ckpt and "://" not in storage_path(spec):
         final = Path(ray.get(export_final.remote(spec.model_dump(mode="json"), ckpt, str(run_dir / "final"))))
-    return TrainResult(run_dir, final, ckpt, dict(result.metrics or {}))
+    metrics = dict(result.metrics or {})
+    if before and final:
+        after = evaluate_on_ray(str(final), **eval_args)
+        metrics |= {f"{k}_{when}": r[k] for when, r in (("before", before), ("after", after)) for k in ("exact_match", "perplexity")}
+    return TrainResult(run_dir, final, ckpt, metrics)
 
 
 @ray.remote(num_cpus=1)

@@ -1,0 +1,21 @@
+"""The datasets shipped with ftray: small seeded jsonl files written by `generate.py`.
+
+Regenerate them with `python -m ftray.data.bundled.generate`; the output is byte-identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUNDLED = {"arithmetic", "factual_qa", "classification"}
+SPLITS = ("train", "test")
+DIR = Path(__file__).parent
+
+
+def path(name: str, split: str) -> Path:
+    """The jsonl file of a bundled dataset split, e.g. path('arithmetic', 'train')."""
+    if name not in BUNDLED:
+        raise KeyError(f"no bundled dataset {name!r}; bundled datasets are {', '.join(sorted(BUNDLED))}")
+    if split not in SPLITS:
+        raise KeyError(f"bundled dataset {name!r} has no split {split!r}; splits are {', '.join(SPLITS)}")
+    return DIR / f"{name}_{split}.jsonl"

@@ -1,0 +1,60 @@
+"""Write the bundled datasets (seeded, deterministic): `python -m ftray.data.bundled.generate [OUT_DIR]`.
+
+Each dataset has one function returning its (train, test) rows; `build_all` writes
+`<name>_<split>.jsonl` next to this file unless given another directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ftray.data.bundled import DIR
+from ftray.data.bundled import arithmetic as _arithmetic
+from ftray.data.bundled import classification as _classification
+from ftray.data.bundled import factual_qa as _factual_qa
+
+SEED = 1234
+
+
+def arithmetic() -> tuple[list[dict], list[dict]]:
+    """2-3 step word problems: question, rationale, answer (2000 train / 200 test)."""
+    return _arithmetic.generate(SEED, n_train=2000, n_test=200)
+
+
+def factual_qa() -> tuple[list[dict], list[dict]]:
+    """Short-answer facts: prompt, completion, answer, category (500 train / 200 test)."""
+    return _factual_qa.generate(SEED, n_train=500, n_test=200)
+
+
+def classification() -> tuple[list[dict], list[dict]]:
+    """Four-topic sentences: text, label, label_name (1000 train / 200 test)."""
+    return _classification.generate(SEED, n_train=1000, n_test=200)
+
+
+DATASETS = {"arithmetic": arithmetic, "factual_qa": factual_qa, "classification": classification}
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    """One JSON object per line, UTF-8, '\\n' line ends: the same bytes on every platform."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def build_all(out_dir: Path | str | None = None) -> dict[str, Path]:
+    """Write every bundled split; returns {'<name>_<split>': path}."""
+    out = Path(out_dir) if out_dir is not None else DIR
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, make in DATASETS.items():
+        for split, rows in zip(("train", "test"), make()):
+            written[f"{name}_{split}"] = out / f"{name}_{split}.jsonl"
+            write_jsonl(rows, written[f"{name}_{split}"])
+    return written
+
+
+if __name__ == "__main__":
+    for key, p in build_all(sys.argv[1] if len(sys.argv) > 1 else None).items():
+        print(f"{key}: {p} ({p.stat().st_size} bytes)")
