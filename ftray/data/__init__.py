@@ -3,7 +3,7 @@
     ds = load_rows("bundled:arithmetic")                  # or a .jsonl/.json/.csv/.parquet, a dir, a HF id
     fmt = detect_format(ds)                               # chat | prompt_completion | cot | classification
     tok = tokenize_dataset(ds, tokenizer, fmt, max_len=512, source_name="bundled:arithmetic")
-    batch = collate(tok.select(range(8)), pad_id=tokenizer.pad_token_id)
+    batch = collate(tok.to_list()[:8], pad_id=tokenizer.pad_token_id)    # or collate_packed(pack(...), ...)
 """
 
 from ftray.data.answers import extract_answer, normalize_answer

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ftray.data import collate, extract_answer, format_prompt, normalize_answer, reference_answer
+from ftray.data import collate, extract_answer, format_prompt, normalize_answer, reference_answer, render_prompt
 from ftray.models import default_autocast_dtype
 
 
@@ -21,7 +21,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_toke
     outputs = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[i : i + batch_size]]
+            texts = [render_prompt(p, tokenizer) for p in prompts[i : i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -34,7 +34,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_toke
 def exact_match(model: Any, tokenizer: Any, rows: list[dict], fmt: str, max_new_tokens: int = 96, batch_size: int = 32) -> dict[str, Any]:
     """Accuracy of the extracted final answer against each row's reference, with a few examples."""
     outputs = generate(model, tokenizer, [format_prompt(r, fmt) for r in rows], max_new_tokens, batch_size)
-    hits = [normalize_answer(extract_answer(o) or "") == normalize_answer(reference_answer(r, fmt)) for o, r in zip(outputs, rows)]
+    hits = [normalize_answer(extract_answer(o) or o) == normalize_answer(reference_answer(r, fmt)) for o, r in zip(outputs, rows)]
     examples = [{"output": o, "reference": reference_answer(r, fmt), "correct": h} for o, r, h in list(zip(outputs, rows, hits))[:3]]
     return {"exact_match": sum(hits) / max(1, len(hits)), "n": len(hits), "examples": examples}
 
@@ -48,7 +48,7 @@ def perplexity(model: Any, rows: list[dict], pad_id: int, batch_size: int = 16) 
     for i in range(0, len(rows), batch_size):
         batch = collate(rows[i : i + batch_size], pad_id)
         with torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         targets = batch["labels"][:, 1:].reshape(-1)
         total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets, ignore_index=-100, reduction="sum").item()
         count += int((targets != -100).sum())

@@ -79,7 +79,8 @@ def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: torch.d
     """Run the model on a batch's inputs under autocast (labels stay out: the loss is computed here)."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        return model(**inputs)
+        # use_cache=False: with a cache object transformers skips the block-diagonal mask of packed rows.
+        return model(**inputs, use_cache=False)
 
 
 def seed_step(ctx: Context, seed: int) -> None:
@@ -110,7 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ctx.step = state["step"]
         for m, s in zip(methods, state["methods"]):
             m.load_state_dict(s)
-        log.line(f"resumed from checkpoint at step {ctx.step}")
+        log.event("resumed", ctx.step, f"resumed from checkpoint at step {ctx.step}")
 
     torch.manual_seed(spec.train.seed)  # identical initial weights (and adapter inits) on every rank
     model = load_model(spec.model.name, dtype=spec.model.dtype, gguf_file=spec.model.gguf_file)
@@ -275,6 +276,13 @@ class RunLog:
                 f"step {step}/{self.max_steps} | loss {metrics['loss']:.4f}{extra} | lr {metrics['lr']:.2e}"
                 f" | {metrics['tokens_per_s']:.0f} tok/s | eta {math.ceil(eta)}s"
             )
+
+    def event(self, name: str, step: int, text: str) -> None:
+        """Print `text` and record {"event": name, "step": step} in metrics.jsonl."""
+        self.line(text)
+        if self.rank == 0:
+            self.file.write(json.dumps({"event": name, "step": step, "time": time.time()}) + "\n")
+            self.file.flush()
 
     def line(self, text: str) -> None:
         """Print a log line from rank 0."""

@@ -31,3 +31,9 @@ def logged(run_dir: Path, key: str = "loss") -> dict[int, float]:
     """step → metric from rank 0's metrics.jsonl (the last value wins after a resume)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r[key] for r in rows if key in r}
+
+
+def events(run_dir: Path) -> list[dict]:
+    """The {"event": ...} records of metrics.jsonl (e.g. resumes)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "event" in r]
