@@ -109,6 +109,17 @@ class RunSpec(_Section):
         return validate_method_entries(entries)
 
     @model_validator(mode="after")
+    def _methods_fit_the_run(self) -> RunSpec:
+        from ftray.methods import build_methods
+
+        for i, method in enumerate(build_methods(self.methods)):
+            try:
+                method.check(self)
+            except ValueError as err:
+                raise ValueError(f"methods.{i} ({method.name}): {err}") from None
+        return self
+
+    @model_validator(mode="after")
     def _strategy_available(self) -> RunSpec:
         if self.scaling.strategy == "deepspeed":
             import importlib.util

@@ -71,6 +71,9 @@ class Method:
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
+    def check(self, spec: RunSpec) -> None:
+        """Raise ValueError if this method cannot run with the rest of `spec` (called before Ray starts)."""
+
     def prepare_data(self, ds: datasets.Dataset, ctx: Context) -> datasets.Dataset:
         """Rewrite the raw training rows once, before tokenization."""
         return ds

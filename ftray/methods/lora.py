@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -19,6 +19,9 @@ from pydantic import Field
 
 from ftray.methods.base import Context, Method, MethodConfig
 from ftray.methods.registry import register
+
+if TYPE_CHECKING:
+    from ftray.config import RunSpec
 
 
 class LoraMethodConfig(MethodConfig):
@@ -40,6 +43,11 @@ class Lora(Method):
     paper = "Hu et al. 2021, LoRA (2106.09685); DoRA 2402.09353; PiSSA 2404.02948; OLoRA 2406.01775"
     Config = LoraMethodConfig
     incompatible = ("full", "hft")
+
+    def check(self, spec: RunSpec) -> None:
+        """PiSSA/OLoRA's conversion on save needs unsharded parameters: not under FSDP yet."""
+        if self.config.variant in ("pissa", "olora") and spec.scaling.strategy == "fsdp":
+            raise ValueError(f"variant {self.config.variant!r} cannot be saved under scaling.strategy=fsdp yet; use ddp")
 
     def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         """Wrap `model` with a LoRA adapter built from the config."""

@@ -31,8 +31,13 @@ def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
 
 def export_hf(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], out: Path) -> None:
     """Save `model` with `state_dict` as a PEFT adapter dir or a `save_pretrained` safetensors dir."""
-    kwargs = getattr(model, "ftray_save_kwargs", {})  # e.g. PiSSA's conversion to a plain LoRA
-    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True, **kwargs)
+    kwargs = getattr(model, "ftray_save_kwargs", None)  # e.g. PiSSA's conversion to a plain LoRA
+    if kwargs:
+        # PEFT's conversion reads the initial adapter out of the passed state_dict and fails on ours, so
+        # it saves from the live (unsharded: see Lora.check) parameters instead.
+        model.save_pretrained(out, safe_serialization=True, **kwargs)
+    else:
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
 
 
 def write_checkpoint(

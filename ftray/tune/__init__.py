@@ -1,0 +1,1 @@
+"""Sweeps with Ray Tune over `tune_spaces/<method>.yaml`."""

@@ -1,0 +1,72 @@
+"""The contract every registered method meets; a new method gets these checks for free."""
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftray.config import build_spec
+from ftray.eval.loading import load_checkpoint
+from ftray.methods import REGISTRY, Context, build_methods
+from ftray.models import load_model
+from ftray.train.checkpoint import export_hf
+from ftray.train.loop import train_step
+from ftray.train.optim import build_optimizer, build_scheduler
+from ftray.tune.space import load_space, param_space, sample_spec
+from tests.methods.helpers import random_batch
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = sorted(REGISTRY)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_method_has_test_tune_space_docs_and_defaults(name):
+    cls = REGISTRY[name]
+    assert (ROOT / "tests" / "methods" / f"test_{name}.py").exists()
+    assert (ROOT / "tune_spaces" / f"{name}.yaml").exists()
+    assert cls.paper and cls.__module__ and REGISTRY[name].__doc__
+    assert all(f.description for f in cls.Config.model_fields.values()), "every config field is documented"
+    cls.Config()  # every field has the paper's default
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tune_space_samples_valid_run_specs(name):
+    base = build_spec({"methods": [name]})
+    space = load_space(ROOT / "tune_spaces" / f"{name}.yaml")
+    domains = param_space(space, base, name)
+    for _ in range(10):
+        sample_spec(domains, base)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_steps_finite_loss_only_declared_params_change_and_finalize_round_trips(name, tiny_model_dir, tiny_tokenizer, tmp_path):
+    spec = build_spec({"model": {"name": str(tiny_model_dir)}, "methods": [name], "train": {"lr": 1e-2, "warmup_ratio": 0}})
+    methods = build_methods(spec.methods)
+    ctx = Context(spec=spec, tokenizer=tiny_tokenizer, max_steps=2)
+    base = load_model(str(tiny_model_dir))
+    model = copy.deepcopy(base)
+    for m in methods:
+        model = m.prepare_model(model, ctx)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    declared = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], spec.train)
+    sched = build_scheduler(opt, spec.train, 2)
+    for step in range(2):
+        ctx.step = step
+        for m in methods:
+            m.on_step(model, opt, ctx)
+        metrics = train_step(model, [random_batch(vocab=len(tiny_tokenizer), seed=step)], methods, opt, sched, ctx, amp=None)
+        assert math.isfinite(metrics["loss"])
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= declared
+
+    for m in methods:
+        model = m.finalize(model, base, ctx)
+    export_hf(model, model.state_dict(), tmp_path / "out")
+    tiny_tokenizer.save_pretrained(tmp_path / "out")
+    reloaded, _ = load_checkpoint(tmp_path / "out", merge=False)
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
