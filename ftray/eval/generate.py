@@ -6,10 +6,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ftray.data import collate, extract_answer, format_prompt, normalize_answer, reference_answer, render_prompt
 from ftray.models import default_autocast_dtype
+from ftray.train.loss import forward_and_loss
 
 
 @torch.no_grad()
@@ -46,10 +46,7 @@ def perplexity(model: Any, rows: list[dict], pad_id: int, batch_size: int = 16) 
     amp = default_autocast_dtype(model.device.type)
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i : i + batch_size], pad_id)
-        with torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        targets = batch["labels"][:, 1:].reshape(-1)
-        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets, ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
+        batch = {k: v.to(model.device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+        _, loss_sum, n = forward_and_loss(model, batch, amp)
+        total, count = total + loss_sum.item(), count + int(n)
     return math.exp(total / max(1, count))

@@ -20,12 +20,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ftray.config import RunSpec
 from ftray.data import collate, collate_packed
 from ftray.methods import Context, Method, Phase, build_methods
 from ftray.models import default_autocast_dtype, load_model, load_tokenizer
+from ftray.train.loss import forward_and_loss
 from ftray.train.checkpoint import gather_state, read_train_state, restore_state, write_checkpoint
 from ftray.train.optim import build_optimizer, build_scheduler
 from ftray.train.parallel import grad_sync, unwrap, wrap_model
@@ -66,21 +66,6 @@ def micro_batches(rows: list[dict], spec: RunSpec, step: int, plan: Plan, rank: 
     start = within * bs * accum
     fn = collate_packed if spec.data.packing else collate
     return [fn([rows[i] for i in mine[start + k * bs : start + (k + 1) * bs]], pad_id) for k in range(accum)]
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed over label tokens, and the number of label tokens."""
-    targets = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets, ignore_index=-100, reduction="sum")
-    return loss, (targets != -100).sum()
-
-
-def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: torch.dtype | None, device: torch.device) -> Any:
-    """Run the model on a batch's inputs under autocast (labels stay out: the loss is computed here)."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        # use_cache=False: with a cache object transformers skips the block-diagonal mask of packed rows.
-        return model(**inputs, use_cache=False)
 
 
 def seed_step(ctx: Context, seed: int) -> None:
@@ -163,8 +148,7 @@ def train_step(model, batches, methods, optimizer, scheduler, ctx: Context, amp)
         for m in methods:
             batch = m.corrupt_batch(batch, ctx)
         with grad_sync(model, sync=i == len(batches) - 1):
-            out = forward(model, batch, amp, ctx.device)
-            loss_sum, count = lm_loss(out.logits, batch["labels"])
+            out, loss_sum, count = forward_and_loss(model, batch, amp)
             loss = loss_sum / count.clamp(min=1)
             for m in methods:
                 extra, m_metrics = m.loss(model, batch, out, ctx)
@@ -200,7 +184,7 @@ def eval_loss(model, rows: list[dict], spec: RunSpec, pad_id: int, rank: int, wo
     totals = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), spec.train.batch_size):
         batch = {k: v.to(device) for k, v in fn(mine[i : i + spec.train.batch_size], pad_id).items()}
-        loss_sum, count = lm_loss(forward(model, batch, amp, device).logits, batch["labels"])
+        _, loss_sum, count = forward_and_loss(model, batch, amp)
         totals += torch.tensor([loss_sum.item(), count.item()], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)

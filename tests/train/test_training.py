@@ -73,3 +73,17 @@ def test_fsdp_losses_match_ddp_in_fp32(ray_local, tiny_model_dir, tmp_path):
 def test_packing_trains_with_fewer_padded_tokens(ray_local, tiny_model_dir, tmp_path):
     result = train_tiny(tiny_model_dir, tmp_path, "packed", data={"packing": True}, train={"max_steps": 4})
     assert sorted(logged(result.run_dir)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_smollm2_two_workers_lora_masked_thought(ray_local, tmp_path):
+    result = train_tiny(
+        "smollm2-135m", tmp_path, "smol",
+        data={"max_samples": 16, "eval_max_samples": 4, "max_len": 224},
+        methods=[{"name": "lora", "r": 4}, {"name": "masked_thought", "p": 0.2}],
+        train={"max_steps": 3, "batch_size": 2, "log_every": 1},
+        scaling={"num_workers": 2},
+    )
+    losses = logged(result.run_dir)
+    assert sorted(losses) == [1, 2, 3] and all(0 < v < 10 for v in losses.values())
+    assert_loads_without_ftray(result.final_dir, "adapter", tmp_path)
