@@ -126,6 +126,9 @@ class RunSpec(_Section):
 
             if importlib.util.find_spec("deepspeed") is None:
                 raise ValueError("scaling.strategy: 'deepspeed' needs DeepSpeed: pip install -e '.[gpu]'")
+            # Not wired into the loop yet: its engine owns backward/step/checkpointing and could not be
+            # tested on a machine without GPUs. Fail loudly rather than silently falling back to DDP.
+            raise ValueError("scaling.strategy: 'deepspeed' is not supported yet; use 'ddp' or 'fsdp'")
         return self
 
 

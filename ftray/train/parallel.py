@@ -1,9 +1,9 @@
-"""Replicating or sharding the model across Ray Train workers: DDP, FSDP2, DeepSpeed ZeRO."""
+"""Replicating or sharding the model across Ray Train workers: DDP or FSDP2."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import ray.train.torch
@@ -57,11 +57,3 @@ def grad_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
             model.set_requires_gradient_sync(True)
     else:
         yield
-
-
-def deepspeed_engine(model: torch.nn.Module, params: list[Any], ds_config: dict[str, Any]) -> tuple[Any, Any]:
-    """Wrap with `deepspeed.initialize` (ZeRO stage from `ds_config`); returns (engine, optimizer)."""
-    import deepspeed
-
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
-    return engine, optimizer
