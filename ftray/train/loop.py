@@ -179,12 +179,13 @@ def train_step(model, batches, methods, optimizer, scheduler, ctx: Context, amp)
 def eval_loss(model, rows: list[dict], spec: RunSpec, pad_id: int, rank: int, world: int, amp, device) -> float:
     """Token-mean loss over this rank's share of `rows`, averaged over all ranks."""
     model.eval()
-    mine = rows[rank::world]
+    # Equal shards: under FSDP every forward is a collective, so ranks must run the same batch count.
+    mine = rows[: len(rows) - len(rows) % world][rank::world]
     fn = collate_packed if spec.data.packing else collate
     totals = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), spec.train.batch_size):
         batch = {k: v.to(device) for k, v in fn(mine[i : i + spec.train.batch_size], pad_id).items()}
-        _, loss_sum, count = forward_and_loss(model, batch, amp)
+        _, loss_sum, count = forward_and_loss(unwrap(model), batch, amp)  # DDP's forward would sync buffers
         totals += torch.tensor([loss_sum.item(), count.item()], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)
