@@ -4,10 +4,10 @@ Adding a method: write `ftray/methods/<name>.py` with a `@register`-ed class, ad
 list below, a test in `tests/methods/test_<name>.py` and a space in `tune_spaces/<name>.yaml`.
 """
 
-from ftray.methods.base import Context, Method, MethodConfig, Phase
+from ftray.methods.base import Context, Method, MethodConfig, Phase, stable_seed
 from ftray.methods.registry import REGISTRY, build_methods, register, validate_method_entries
 
 # The one list of method modules; importing registers them.
 from ftray.methods import full, hft, lora, masked_thought  # noqa: E402,F401  isort: skip
 
-__all__ = ["REGISTRY", "Context", "Method", "MethodConfig", "Phase", "build_methods", "register", "validate_method_entries"]
+__all__ = ["REGISTRY", "Context", "Method", "MethodConfig", "Phase", "build_methods", "stable_seed", "register", "validate_method_entries"]

@@ -6,6 +6,7 @@ calls each hook for every method in the run's list order and never looks at a me
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,6 +29,11 @@ HOOKS = (
     "phases",
     "finalize",
 )
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed from `parts` that is the same in every process (Python's str hash is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=7).digest(), "little")
 
 
 class MethodConfig(BaseModel):

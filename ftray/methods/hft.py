@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ftray.methods.base import Context, Method, MethodConfig
+from ftray.methods.base import Context, Method, MethodConfig, stable_seed
 from ftray.methods.registry import register
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -87,5 +87,5 @@ class HFT(Method):
 
     def _select(self, model: torch.nn.Module, ctx: Context) -> None:
         self.epoch = ctx.epoch
-        seed = hash((ctx.spec.train.seed, ctx.phase, ctx.epoch if self.config.reselect == "epoch" else 0))
+        seed = stable_seed("hft", ctx.spec.train.seed, ctx.phase, ctx.epoch if self.config.reselect == "epoch" else 0)
         self.frozen = block_parameters(model) - draw_selection(model, seed)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ftray.config import RunSpec
 from ftray.data import collate, collate_packed
-from ftray.methods import Context, Method, Phase, build_methods
+from ftray.methods import Context, Method, Phase, build_methods, stable_seed
 from ftray.models import default_autocast_dtype, load_model, load_tokenizer
 from ftray.train.loss import forward_and_loss
 from ftray.train.checkpoint import gather_state, read_train_state, restore_state, write_checkpoint
@@ -70,8 +70,8 @@ def micro_batches(rows: list[dict], spec: RunSpec, step: int, plan: Plan, rank: 
 
 def seed_step(ctx: Context, seed: int) -> None:
     """Reseed every random stream from (seed, rank, step) so a resumed run draws what the original drew."""
-    ctx.generator.manual_seed(hash((seed, ctx.rank, ctx.step)) & 0x7FFF_FFFF_FFFF)
-    torch.manual_seed(hash((seed, ctx.rank, ctx.step, "dropout")) & 0x7FFF_FFFF_FFFF)
+    ctx.generator.manual_seed(stable_seed(seed, ctx.rank, ctx.step))
+    torch.manual_seed(stable_seed(seed, ctx.rank, ctx.step, "dropout"))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -70,3 +70,21 @@ def test_epoch_mode_drops_frozen_gradients_and_reselects():
     ctx.epoch = 1
     hft.on_step(model, None, ctx)
     assert hft.frozen != first_frozen
+
+
+def test_selection_is_identical_across_processes():
+    """Every DDP rank is its own process: the draw must not depend on Python's salted str hash."""
+    import subprocess
+    import sys
+
+    code = (
+        "from ftray.config import build_spec; from ftray.methods import Context, build_methods;"
+        "from tests.methods.helpers import tiny_llama;"
+        "spec = build_spec({'methods': ['hft']}); m = build_methods(spec.methods)[0];"
+        "model = m.prepare_model(tiny_llama(layers=8), Context(spec=spec, tokenizer=None));"
+        "print(sorted(n for n, p in model.named_parameters() if p.requires_grad))"
+    )
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": str(s), "PATH": ""}, cwd=str(__import__("pathlib").Path(__file__).parents[2])).stdout
+            for s in (1, 2)}
+    assert len(outs) == 1
