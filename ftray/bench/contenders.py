@@ -161,8 +161,9 @@ def run_plain(s: Settings) -> Timing:
     for step in range(s.warmup + s.steps):
         batch = micro_batches(rows, spec, step, plan, 0, 1, pad_id)[0]
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False)
-        out.loss.backward()
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+            loss = model(**inputs, use_cache=False).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -39,6 +39,8 @@ def main(steps: int = 20, out_dir: str = "bench_results", model: str = DEFAULT_M
 
     `threads` (default: all cores) is each baseline's and ftray-1w's torch threads, and ftray-Nw's N.
     """
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"--steps ({steps}) and warm-up steps ({warmup}) must be ≥ 1: a rate needs a step end to start from")
     s = Settings(model=model, batch_size=batch_size, steps=steps, warmup=warmup, max_samples=max_samples, threads=threads or cores())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,9 +131,11 @@ def machine() -> dict[str, Any]:
     import transformers
 
     info = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("model name")] if info.exists() else []
-    return {"cpu": names[0] if names else platform.processor(), "cores": cores(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "ray": ray.__version__, "python": platform.python_version()}
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return {"cpu": names[0] if names else platform.processor(), "cores": cores(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "ray": ray.__version__,
+            "python": platform.python_version()}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -147,12 +151,13 @@ def markdown(report: dict[str, Any]) -> str:
     peak = f["matmul_peak"]
     lines += [
         "", "## How", "",
-        f"- Tokens/s: real (non-pad) tokens over optimizer steps {s['warmup'] + 1}–{s['warmup'] + s['steps']} "
-        f"(the first {s['warmup']} are warm-up); ftray-Nw splits the same global batch over N workers × 1 thread.",
+        f"- Tokens/s: real (non-pad) tokens over optimizer steps {s['warmup'] + 1}–{s['warmup'] + s['steps']}, "
+        f"after {s['warmup']} warm-up step(s); ftray-Nw splits the same global batch over N workers × 1 thread.",
         "- Peak RSS: max resident set of each training process (Ray workers for ftray), summed over workers.",
-        f"- MFU: {f['formula']}; {f['per_token'] / 1e6:.0f} MFLOPs/token "
+        f"- MFU: {f['formula']}; here {f['per_token']:,} FLOPs/token "
         f"(N_frozen {f['params']['frozen']:,}, N_lora {f['params']['trainable']:,}); "
-        f"peak = best {peak['n']}×{peak['n']} {peak['dtype']} torch.mm on {peak['threads']} threads = {peak['flops'] / 1e9:.0f} GFLOP/s.",
+        f"peak = best {peak['n']}×{peak['n']} {peak['dtype']} torch.mm on {peak['threads']} threads "
+        f"= {peak['flops'] / 1e9:.0f} GFLOP/s.",
         f"- Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, transformers {m['transformers']}, "
         f"peft {m['peft']}, ray {m['ray']}, python {m['python']}.",
         f"- Settings: model {s['model']}, data {s['data']} (max_len {s['max_len']}), LoRA {s['lora']}, "
@@ -168,8 +173,8 @@ def print_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="ftray train throughput (real tokens/s)")
-    for col in ("contender", "tokens/s", "s/step", "peak RSS MB", "vs plain", "vs hf-trainer", "MFU"):
-        table.add_column(col, justify="left" if col == "contender" else "right")
+    for col in ("contender", "tok/s", "s/step", "RSS MB", "×plain", "×HF", "MFU"):
+        table.add_column(col, justify="left" if col == "contender" else "right", no_wrap=True)
     for name, r in report["contenders"].items():
         table.add_row(name, f"{r['tokens_per_s']:.0f}", f"{r['step_s']:.2f}", f"{r['peak_rss_mb']:.0f}",
                       f"{r['vs_plain']:.2f}×", f"{r['vs_hf_trainer']:.2f}×", f"{r['mfu']:.1%}")
