@@ -72,9 +72,12 @@ def test_fsdp_losses_match_ddp_in_fp32(ray_local, tiny_model_dir, tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_packing_trains_with_fewer_padded_tokens(ray_local, tiny_model_dir, tmp_path):
-    result = train_tiny(tiny_model_dir, tmp_path, "packed", data={"packing": True}, train={"max_steps": 4})
+def test_packed_run_logs_to_offline_wandb(ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    result = train_tiny(tiny_model_dir, tmp_path, "packed", data={"packing": True}, train={"max_steps": 4},
+                        tracking={"wandb": True, "project": "ftray-test"})
     assert sorted(logged(result.run_dir)) == [1, 2, 3, 4]
+    assert list((result.run_dir / "wandb").glob("offline-run-*"))
 
 
 @pytest.mark.slow
