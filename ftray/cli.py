@@ -96,6 +96,21 @@ def data_build(out_dir: Optional[str] = typer.Option(None, help="Write here inst
         typer.echo(f"{name}: {path}")
 
 
+@bench_app.command("methods")
+def bench_methods(
+    methods: str = typer.Option("full,lora,hft,masked_thought", help="Comma-separated registry names; plain SFT is always included."),
+    steps: int = typer.Option(40, help="Optimizer steps per method (same for all)."),
+    out: str = typer.Option("bench_results", help="Directory for JSON, markdown and PNG."),
+    model: str = typer.Option("smollm2-135m"),
+    eval_n: int = typer.Option(50, help="Eval rows per task."),
+    workers: int = typer.Option(2, help="Ray Train workers per run."),
+) -> None:
+    """Each method against plain SFT on the same data, steps and seed: accuracy, forgetting, params, memory, time."""
+    from ftray.bench.methods import main
+
+    main([m.strip() for m in methods.split(",") if m.strip()], steps=steps, out_dir=out, model=model, eval_n=eval_n, workers=workers)
+
+
 @bench_app.command("train-throughput")
 def bench_train_throughput(
     steps: int = typer.Option(20, help="Timed optimizer steps per contender."),

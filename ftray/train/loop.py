@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -115,6 +116,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state and state["phase"] == k:
             restore_state(model, optimizer, state)
             scheduler.load_state_dict(state["scheduler"])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.event("phase", ctx.step, f"phase {phase.name}: {trainable:,} trainable parameters", trainable=trainable,
+                  total=sum(p.numel() for p in model.parameters()))
         log.start(ctx.step)
         while ctx.step < plan.phase_ends[k]:
             ctx.epoch = ctx.step // plan.steps_per_epoch
@@ -125,6 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = train_step(model, batches, methods, optimizer, scheduler, ctx, amp)
             ctx.step += 1
             metrics["epoch"] = ctx.epoch
+            metrics["step"] = ctx.step  # the time axis of sweeps (ASHA's time_attr) and plots
             if spec.train.eval_every and ctx.step % spec.train.eval_every == 0 and ctx.step < plan.max_steps:
                 metrics["eval_loss"] = eval_loss(model, eval_rows, spec, tokenizer.pad_token_id, rank, world, amp, device)
             last = ctx.step == plan.max_steps
@@ -247,6 +252,7 @@ class RunLog:
         now = time.perf_counter()
         # Every rank sees equal-sized shards, so the global rate is this rank's times the world size.
         metrics["tokens_per_s"] = self.tokens * self.world / max(1e-9, now - self.t0)
+        metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         if self.rank != 0:
             return
         self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
@@ -262,11 +268,11 @@ class RunLog:
                 f" | {metrics['tokens_per_s']:.0f} tok/s | eta {math.ceil(eta)}s"
             )
 
-    def event(self, name: str, step: int, text: str) -> None:
-        """Print `text` and record {"event": name, "step": step} in metrics.jsonl."""
+    def event(self, name: str, step: int, text: str, **fields: Any) -> None:
+        """Print `text` and record {"event": name, "step": step, **fields} in metrics.jsonl."""
         self.line(text)
         if self.rank == 0:
-            self.file.write(json.dumps({"event": name, "step": step, "time": time.time()}) + "\n")
+            self.file.write(json.dumps({"event": name, "step": step, "time": time.time(), **fields}) + "\n")
             self.file.flush()
 
     def line(self, text: str) -> None:
