@@ -74,3 +74,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding the tiny tokenizer and a random 2-layer Llama."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole session (2 CPUs, as on CI: two 1-CPU training workers)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2)
+    yield
+    ray.shutdown()

@@ -139,8 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             every = spec.train.checkpoint_every
             if last or (every and ctx.step % every == 0):
                 save(model, optimizer, scheduler, methods, tokenizer, spec, ctx, k, metrics, log)
-            elif ctx.step % spec.train.log_every == 0:
-                ray.train.report(metrics)
+            elif ctx.step % spec.train.log_every == 0 or "eval_loss" in metrics:
+                ray.train.report(metrics)  # every eval result reaches Ray (Tune's schedulers act on it)
     log.close()
 
 
