@@ -82,6 +82,6 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2)
+        ray.init(address="local", num_cpus=2, include_dashboard=True)  # the state API (kill test) needs it
     yield
     ray.shutdown()

@@ -70,13 +70,25 @@ def prepare_rows(spec: RunSpec, methods: list) -> tuple[list[dict], list[dict]]:
     return train, eval_rows
 
 
-def build_trainer(spec: RunSpec, name: str, train: list[dict], eval_rows: list[dict]) -> TorchTrainer:
-    """A `TorchTrainer` for `spec`: tokenized rows in the object store, scaling/failure/checkpoint configs."""
+def build_trainer(
+    spec: RunSpec,
+    name: str,
+    train: list[dict] | ray.ObjectRef,
+    eval_rows: list[dict] | ray.ObjectRef,
+    callbacks: list | None = None,
+    keep_best: tuple[str, str] | None = None,
+) -> TorchTrainer:
+    """A `TorchTrainer` for `spec`: tokenized rows in the object store, scaling/failure/checkpoint configs.
+
+    Rows may already be object refs (a sweep shares one copy across trials); `callbacks` go to the
+    RunConfig (e.g. Tune's report callback); `keep_best=(metric, mode)` keeps the best checkpoints by
+    that reported metric instead of the most recent ones (Ray always keeps the latest too, to resume).
+    """
     storage = storage_path(spec)
     config = {
         "spec": spec.model_dump(mode="json"),
-        "train_rows": ray.put(train),
-        "eval_rows": ray.put(eval_rows),
+        "train_rows": train if isinstance(train, ray.ObjectRef) else ray.put(train),
+        "eval_rows": eval_rows if isinstance(eval_rows, ray.ObjectRef) else ray.put(eval_rows),
         "run_dir": str(Path(storage) / name) if "://" not in storage else tempfile.mkdtemp(prefix=f"ftray-{name}-"),
     }
     s = spec.scaling
@@ -89,7 +101,12 @@ def build_trainer(spec: RunSpec, name: str, train: list[dict], eval_rows: list[d
             name=name,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.output.keep_checkpoints),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=spec.output.keep_checkpoints,
+                checkpoint_score_attribute=keep_best[0] if keep_best else None,
+                checkpoint_score_order=keep_best[1] if keep_best else "max",
+            ),
+            callbacks=callbacks,
         ),
     )
 
