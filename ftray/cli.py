@@ -1,4 +1,4 @@
-"""The `ftray` command line: train, eval, methods, data, bench."""
+"""The `ftray` command line: train, tune, soup, merge, eval, methods, data, bench."""
 
 from __future__ import annotations
 
@@ -51,6 +51,82 @@ def train(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command("tune")
+def tune_cmd(
+    recipe: str = typer.Argument("quickstart", help="Recipe YAML path, or a packaged recipe name."),
+    space: str = typer.Option(..., "--space", help="Tune space YAML, e.g. tune_spaces/lora.yaml."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Trials (default: the space's num_samples)."),
+    soup: Optional[str] = typer.Option(None, "--soup", help="After the sweep, soup the trials' best checkpoints: uniform | greedy."),
+    soup_score: str = typer.Option("loss", "--soup-score", help="Held-out score for the soup: loss (fast) | exact_match."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted sweep of the same name (Tuner.restore)."),
+) -> None:
+    """Sweep a recipe with Ray Tune (ASHA), then write results.csv/md, metric.png and best_config.yaml."""
+    from ftray.config import SpecError
+    from ftray.data import DataError
+    from ftray.models import ModelLoadError
+    from ftray.tune.run import tune_recipe
+
+    if soup not in (None, "uniform", "greedy") or soup_score not in ("loss", "exact_match"):
+        _fail("--soup takes uniform | greedy; --soup-score takes loss | exact_match")
+    try:
+        summary = tune_recipe(recipe, space, set_, num_samples, soup, soup_score, resume)
+    except SpecError as err:
+        _fail(str(err))
+    except (DataError, ModelLoadError, ValueError) as err:
+        _fail(f"error: {err}")
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def soup(
+    checkpoints: list[str] = typer.Argument(..., help="Checkpoint dirs fine-tuned from one base (adapters are merged into it)."),
+    out: str = typer.Option(..., "--out", help="Output checkpoint dir (written atomically)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy soup on held-out data instead of the uniform average."),
+    source: str = typer.Option("bundled:arithmetic", help="Greedy: held-out data source."),
+    split: str = typer.Option("test", help="Greedy: held-out split (keep it apart from the split you report on)."),
+    max_samples: Optional[int] = typer.Option(200, help="Greedy: held-out rows."),
+    score: str = typer.Option("loss", help="Greedy: loss (−held-out loss, fast) | exact_match (generation)."),
+    max_len: int = typer.Option(512, help="Greedy: tokens per held-out example."),
+) -> None:
+    """Model soup (uniform, or greedy on held-out data) of checkpoints that share a base model."""
+    from ftray.merge import MergeError
+    from ftray.tune.heldout import load_held_out, tokenizer_of
+    from ftray.tune.soups import greedy_soup, uniform_soup
+
+    try:
+        if greedy:
+            held_out = load_held_out(source, split, max_samples, tokenizer_of(checkpoints[0]), score, max_len)
+            result = greedy_soup(checkpoints, held_out, out)
+        else:
+            result = uniform_soup(checkpoints, out)
+    except (MergeError, ValueError, OSError) as err:
+        _fail(f"error: {err}")
+    typer.echo(json.dumps({"out": str(result.path), "kind": result.kind, "ingredients": result.ingredients,
+                           "scores": result.scores, "soup_score": result.score}, indent=2))
+
+
+@app.command()
+def merge(
+    method: str = typer.Argument(..., help="task-arithmetic | lines (any registered merge method)."),
+    base: str = typer.Argument(..., help="The base model the checkpoints were fine-tuned from (dir or alias)."),
+    checkpoints: list[str] = typer.Argument(..., help="Fine-tuned checkpoint dirs (adapters are merged into the base)."),
+    out: str = typer.Option(..., "--out", help="Output checkpoint dir (written atomically)."),
+    scale: Optional[float] = typer.Option(None, help="task-arithmetic: λ on the summed task vectors (default 1)."),
+    alpha: Optional[float] = typer.Option(None, help="lines: scale of the first block and non-block weights (default 1/T, or 0.1 for one checkpoint)."),
+    beta: Optional[float] = typer.Option(None, help="lines: added scale at the last block (default 1−α for one checkpoint, else 0.5)."),
+) -> None:
+    """Merge task vectors (checkpoint − base): task arithmetic or LiNeS layer scaling."""
+    from ftray.merge import MergeError, merge_checkpoints
+
+    params = {k: v for k, v in {"scale": scale, "alpha": alpha, "beta": beta}.items() if v is not None}
+    try:
+        path = merge_checkpoints(method, checkpoints, out, base=base, **params)
+    except (MergeError, ValueError, OSError) as err:
+        _fail(f"error: {err}")
+    typer.echo(json.dumps({"out": str(path), "method": method, "base": base, "checkpoints": checkpoints, **params}, indent=2))
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Checkpoint dir (adapter or full), model path or alias."),
@@ -66,6 +142,31 @@ def eval_cmd(
     ensure_ray()
     result = evaluate_on_ray(model, source=source, split=split, max_samples=max_samples, max_new_tokens=max_new_tokens)
     typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def serve(
+    config: str = typer.Argument(..., help="Serve config YAML (see serving/configs/)."),
+    host: Optional[str] = typer.Option(None, help="Override the config's host."),
+    port: Optional[int] = typer.Option(None, help="Override the config's port."),
+    blocking: bool = typer.Option(True, "--blocking/--no-blocking", help="Serve until Ctrl-C; --no-blocking deploys and returns (for a cluster in RAY_ADDRESS)."),
+) -> None:
+    """Serve models and LoRA adapters over an OpenAI-compatible API on Ray Serve."""
+    from serving.config import ServeConfigError, load_serve_config, parse_serve_config
+
+    try:
+        cfg = load_serve_config(config)  # fails here, before any Ray work, on a bad config
+        overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+        cfg = parse_serve_config({**cfg.model_dump(), **overrides}) if overrides else cfg
+    except ServeConfigError as err:
+        _fail(str(err))
+    from serving.app import run
+
+    typer.echo(f"serving {', '.join(cfg.served_names())} at http://{cfg.host}:{cfg.port}{cfg.route_prefix}")
+    try:
+        run(cfg, blocking=blocking)
+    except ServeConfigError as err:
+        _fail(str(err))
 
 
 @app.command()
