@@ -47,7 +47,8 @@ def train(
     keys = ("exact_match_before", "exact_match_after", "perplexity_before", "perplexity_after", "loss", "eval_loss")
     summary = {"run_dir": str(result.run_dir), "final": str(result.final_dir), "wall_s": round(time.perf_counter() - t0, 1),
                **{k: result.metrics[k] for k in keys if k in result.metrics}}
-    (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if "://" not in str(spec.output.dir):  # remote storage: the summary is printed, checkpoints are there
+        (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -239,12 +239,10 @@ def run(config: ServeConfig, blocking: bool = True, name: str = "ftray") -> None
     serve.run(build_app(config), name=name, route_prefix=config.route_prefix, blocking=blocking)
 
 
-def __getattr__(name: str) -> Application:
-    # `serve run serving.app:app` reads the config path from $FTRAY_SERVE_CONFIG; built lazily so
-    # that importing this module (tests, the CLI) needs no config.
-    if name == "app":
-        return app_builder({})
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# `serve run serving.app:app [config=PATH]` and a RayService's `import_path: serving.app:app` with
+# `args: {config: ...}`: Serve calls this builder with the args (or {} → $FTRAY_SERVE_CONFIG). A
+# builder, not a built app, so importing this module needs no config and args are accepted.
+app = app_builder
 
 
 def _as_config(config: ServeConfig | dict | str | Path) -> ServeConfig:

@@ -31,7 +31,7 @@ from ftray.train.loop import train_loop_per_worker
 class TrainResult:
     """What a finished run leaves behind."""
 
-    run_dir: Path
+    run_dir: Path | str  # a str when output.dir is a filesystem URI
     final_dir: Path | None  # HF-compatible export with `finalize` hooks applied
     checkpoint_dir: str | None  # Ray's latest checkpoint (storage path)
     metrics: dict[str, Any]
@@ -129,7 +129,8 @@ def run(spec: RunSpec, recipe: str | None = None, evaluate: bool = False) -> Tra
     eval_args = {"source": spec.data.eval_source or spec.data.source, "split": spec.data.eval_split, "max_samples": spec.data.eval_max_samples}
     before = evaluate_on_ray(spec.model.name, **eval_args) if evaluate else None
     result = build_trainer(spec, name, train, eval_rows).fit()
-    run_dir = Path(storage_path(spec)) / name
+    storage = storage_path(spec)
+    run_dir = Path(storage) / name if "://" not in storage else f"{storage.rstrip('/')}/{name}"  # keep the URI's //
     ckpt = result.checkpoint.path if result.checkpoint else None
     final = None
     if ckpt and "://" not in storage_path(spec):
