@@ -105,9 +105,14 @@ def check_path(spec: RunSpec, path: str) -> None:
 
 def sample_overrides(space: dict[str, Any]) -> list[str]:
     """One random draw from a param space as `--set` overrides (grid axes take their first value)."""
+    return overrides_of({path: dom["grid_search"][0] if isinstance(dom, dict) else dom.sample() for path, dom in space.items()})
+
+
+def overrides_of(config: dict[str, Any]) -> list[str]:
+    """A trial's config (run-spec path → value) as `--set` overrides."""
     out = []
-    for path, dom in space.items():
-        value = dom["grid_search"][0] if isinstance(dom, dict) else dom.sample()
+    for path, value in config.items():
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars from Tune's samplers
         out.append(f"{path}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
     return out
 
