@@ -200,7 +200,7 @@ def data_build(out_dir: Optional[str] = typer.Option(None, help="Write here inst
 
 @bench_app.command("methods")
 def bench_methods(
-    methods: str = typer.Option("full,lora,hft,masked_thought", help="Comma-separated registry names; plain SFT is always included."),
+    methods: str = typer.Option("all", help="Comma-separated registry names, or 'all'; each method's baseline (plain SFT or LoRA) is always included."),
     steps: int = typer.Option(40, help="Optimizer steps per method (same for all)."),
     out: str = typer.Option("bench_results", help="Directory for JSON, markdown and PNG."),
     model: str = typer.Option("smollm2-135m"),
@@ -209,8 +209,10 @@ def bench_methods(
 ) -> None:
     """Each method against plain SFT on the same data, steps and seed: accuracy, forgetting, params, memory, time."""
     from ftray.bench.methods import main
+    from ftray.methods import REGISTRY
 
-    main([m.strip() for m in methods.split(",") if m.strip()], steps=steps, out_dir=out, model=model, eval_n=eval_n, workers=workers)
+    names = sorted(REGISTRY) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    main(names, steps=steps, out_dir=out, model=model, eval_n=eval_n, workers=workers)
 
 
 @bench_app.command("train-throughput")

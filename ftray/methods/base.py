@@ -23,6 +23,7 @@ HOOKS = (
     "corrupt_batch",
     "prepare_model",
     "param_groups",
+    "optimizer",
     "loss",
     "on_step",
     "after_backward",
@@ -73,6 +74,8 @@ class Method:
     paper: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     incompatible: ClassVar[tuple[str, ...]] = ()  # registry names this method cannot run with
+    baseline: ClassVar[str] = "full"  # what `ftray bench methods` compares it with: "full" (plain SFT) or "lora"
+    bench: ClassVar[dict[str, Any]] = {}  # run-spec overrides for its `ftray bench methods` run (e.g. {"train": {"lr": 1e-3}})
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -94,6 +97,10 @@ class Method:
 
     def param_groups(self, model: torch.nn.Module, ctx: Context) -> list[dict[str, Any]] | None:
         """Optimizer parameter groups, or None to leave the default (all trainable parameters)."""
+        return None
+
+    def optimizer(self, params: list, ctx: Context) -> torch.optim.Optimizer | None:
+        """An optimizer over `params` (tensors or groups), or None for the run's AdamW (e.g. GaLore)."""
         return None
 
     def loss(self, model: torch.nn.Module, batch: dict, out: Any, ctx: Context) -> tuple[torch.Tensor | None, dict[str, float]]:

@@ -40,6 +40,7 @@ class Lora(Method):
     """Wrap the model in a PEFT LoRA adapter; only the adapter weights train."""
 
     name = "lora"
+    bench = {"train": {"lr": 1e-3}}  # adapters take a ~10-20x larger learning rate than full fine-tuning
     paper = "Hu et al. 2021, LoRA (2106.09685); DoRA 2402.09353; PiSSA 2404.02948; OLoRA 2406.01775"
     Config = LoraMethodConfig
     incompatible = ("full", "hft")

@@ -111,7 +111,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         phase_start = plan.phase_ends[k - 1] if k else 0
         model = wrap_model(model, spec.scaling.strategy, device)
         groups = next((g for m in methods if (g := m.param_groups(unwrap(model), ctx))), None)
-        optimizer = build_optimizer(groups or [p for p in model.parameters() if p.requires_grad], spec.train)
+        params = groups or [p for p in model.parameters() if p.requires_grad]
+        optimizer = next((o for m in methods if (o := m.optimizer(params, ctx))), None) or build_optimizer(params, spec.train)
         scheduler = build_scheduler(optimizer, spec.train, plan.phase_ends[k] - phase_start)
         if state and state["phase"] == k:
             restore_state(model, optimizer, state)

@@ -43,7 +43,9 @@ def run_steps(model, entries: list, steps: int = 3, overrides: dict | None = Non
     ctx = Context(spec=spec, tokenizer=FakeTok(), max_steps=steps)
     for m in methods:
         model = m.prepare_model(model, ctx)
-    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], spec.train)
+    groups = next((g for m in methods if (g := m.param_groups(model, ctx))), None)
+    params = groups or [p for p in model.parameters() if p.requires_grad]
+    opt = next((o for m in methods if (o := m.optimizer(params, ctx))), None) or build_optimizer(params, spec.train)
     sched = build_scheduler(opt, spec.train, steps)
     for step in range(steps):
         ctx.step = step

@@ -51,7 +51,9 @@ def test_two_steps_finite_loss_only_declared_params_change_and_finalize_round_tr
         model = m.prepare_model(model, ctx)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     declared = {n for n, p in model.named_parameters() if p.requires_grad}
-    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], spec.train)
+    groups = next((g for m in methods if (g := m.param_groups(model, ctx))), None)
+    params = groups or [p for p in model.parameters() if p.requires_grad]
+    opt = next((o for m in methods if (o := m.optimizer(params, ctx))), None) or build_optimizer(params, spec.train)
     sched = build_scheduler(opt, spec.train, 2)
     for step in range(2):
         ctx.step = step
