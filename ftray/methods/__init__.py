@@ -8,6 +8,6 @@ from ftray.methods.base import Context, Method, MethodConfig, Phase, stable_seed
 from ftray.methods.registry import REGISTRY, build_methods, register, validate_method_entries
 
 # The one list of method modules; importing registers them.
-from ftray.methods import full, hft, lora, masked_thought  # noqa: E402,F401  isort: skip
+from ftray.methods import cofitune, corda, full, hft, locft_bf, lofit, lora, loramoe, lt_sft, masked_thought, owlore, roste  # noqa: E402,F401  isort: skip
 
 __all__ = ["REGISTRY", "Context", "Method", "MethodConfig", "Phase", "build_methods", "stable_seed", "register", "validate_method_entries"]

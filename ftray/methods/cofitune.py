@@ -1,0 +1,1 @@
+"""Placeholder: the cofitune method is being written (issue 6)."""

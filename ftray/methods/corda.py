@@ -1,0 +1,1 @@
+"""Placeholder: the corda method is being written (issue 6)."""

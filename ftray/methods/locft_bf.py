@@ -1,0 +1,1 @@
+"""Placeholder: the locft_bf method is being written (issue 6)."""

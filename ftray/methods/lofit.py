@@ -1,0 +1,1 @@
+"""Placeholder: the lofit method is being written (issue 6)."""

@@ -1,0 +1,1 @@
+"""Placeholder: the loramoe method is being written (issue 6)."""

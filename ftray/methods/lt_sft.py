@@ -1,0 +1,1 @@
+"""Placeholder: the lt_sft method is being written (issue 6)."""

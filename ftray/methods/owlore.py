@@ -1,0 +1,1 @@
+"""Placeholder: the owlore method is being written (issue 6)."""

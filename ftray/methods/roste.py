@@ -1,0 +1,1 @@
+"""Placeholder: the roste method is being written (issue 6)."""
