@@ -92,12 +92,61 @@ class ModelConfig(BaseModel):
         return self
 
 
+class ExpertConfig(BaseModel):
+    """One tuned small model of a fusion ensemble (fine-tuned from the ensemble's `small_base`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="The tuned small model: an ftray run's final/, a checkpoint or adapter dir.")
+    alpha: float = Field(1.0, description="Static fusion weight (proxy tuning uses 1.0); dynamic fusion ignores it.")
+
+
+class EnsembleConfig(BaseModel):
+    """A logit-fusion ensemble: a large model steered by (expert - small base) logit deltas at every step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Name clients pass as `model`. No ':'.")
+    large: str = Field(description="The large model (alias, HF dir or checkpoint); it decodes, the experts steer.")
+    small_base: str = Field(description="The untuned small model the experts were fine-tuned from.")
+    experts: list[ExpertConfig] = Field(min_length=1, description="Tuned small models (same tokenizer as all members).")
+    fusion: Literal["static", "dynamic"] = Field(
+        "dynamic",
+        description="`static`: logits = large + sum(alpha_i * (expert_i - base)) (proxy tuning). `dynamic`: "
+        "alpha chosen per step and row by Dynamic Logit Fusion's KL matching (one expert active per step).",
+    )
+    alpha_max: float = Field(2.0, gt=0, description="Dynamic fusion searches alpha in [0, alpha_max] (paper: 2.0).")
+    alpha_step: float = Field(0.1, gt=0, description="Grid step of the dynamic search (paper: 0.1, 21 values).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype of every member.")
+    num_replicas: int = Field(1, ge=1, description="Ensemble replicas; each owns its member actors.")
+    large_num_cpus: float = Field(1.0, gt=0, description="CPUs of the actor holding the large model.")
+    small_num_cpus: float = Field(1.0, gt=0, description="CPUs of the actor holding the small base and its experts.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs of each member actor.")
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests one ensemble replica works on at once.")
+    max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together in one batch.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill before decoding.")
+    default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a chat request sets no max_tokens.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_has_no_colon(cls, name: str) -> str:
+        if not name or ":" in name:
+            raise ValueError(f"ensemble name {name!r} must be non-empty without ':'")
+        return name
+
+    def member_paths(self) -> dict[str, str]:
+        """Field path -> model path of every member (for checks and errors)."""
+        return {"large": self.large, "small_base": self.small_base,
+                **{f"experts.{i}.path": e.path for i, e in enumerate(self.experts)}}
+
+
 class ServeConfig(BaseModel):
     """A serve config: models behind one OpenAI-compatible ingress."""
 
     model_config = ConfigDict(extra="forbid")
 
-    models: list[ModelConfig] = Field(min_length=1, description="Models to serve (at least one).")
+    models: list[ModelConfig] = Field(default_factory=list, description="Models to serve.")
+    ensembles: list[EnsembleConfig] = Field(default_factory=list, description="Logit-fusion ensembles to serve.")
     api_key: str | None = Field(
         None,
         description=f"Bearer token clients must send; null: ${API_KEY_ENV} if set, else no auth.",
@@ -118,8 +167,10 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServeConfig:
+        if not self.models and not self.ensembles:
+            raise ValueError("list at least one entry under `models` or `ensembles`")
         seen: set[str] = set()
-        for model in self.models:
+        for model in [*self.models, *self.ensembles]:
             if model.name in seen:
                 raise ValueError(f"model name {model.name!r} is listed twice; names must be unique")
             seen.add(model.name)
@@ -131,7 +182,8 @@ class ServeConfig(BaseModel):
 
     def served_names(self) -> list[str]:
         """Every name /v1/models lists: each model, then each `model:adapter`."""
-        return [n for m in self.models for n in [m.name, *(f"{m.name}:{a}" for a in m.adapters)]]
+        names = [n for m in self.models for n in [m.name, *(f"{m.name}:{a}" for a in m.adapters)]]
+        return names + [e.name for e in self.ensembles]
 
 
 def parse_serve_config(raw: dict) -> ServeConfig:
@@ -164,6 +216,10 @@ def load_serve_config(path: str | Path) -> ServeConfig:
 
 def check_paths(config: ServeConfig) -> None:
     """Refuse missing local model dirs and adapter dirs without adapter_config.json, naming the field."""
+    for i, ensemble in enumerate(config.ensembles):
+        for field, path in ensemble.member_paths().items():
+            if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+                raise ServeConfigError(f"ensembles.{i}.{field}: {path!r} does not exist")
     for i, model in enumerate(config.models):
         path = Path(model.path).expanduser()
         if model.path.startswith(("/", ".", "~")) and not path.exists():

@@ -69,20 +69,33 @@ def _mount_adapters(model, cfg: ModelConfig):
     return model
 
 
-@serve.deployment
-class HFEngine:
-    """One model (and its adapters) served with transformers; see the module docstring."""
+def eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a sequence: the generation config's and the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if isinstance(eos, list) else [eos]
+    return {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
 
-    def __init__(self, model: dict):
-        self.cfg = ModelConfig.model_validate(model)
-        self.model, self.tokenizer, self.autocast = load_for_serving(self.cfg)
-        config = self.model.config
-        self.context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
-        self._decode.set_max_batch_size(self.cfg.max_batch_size)
-        self._decode.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+class TextEngine:
+    """OpenAI requests → batched decoding jobs → responses; subclasses say how a batch is decoded.
+
+    A subclass sets `tokenizer`, `context` (max tokens), `eos_ids`, `default_max_tokens`, calls
+    `configure_batching`, and implements `steps(jobs)`: a generator of per-step Event lists.
+    """
+
+    tokenizer: object
+    context: int
+    eos_ids: set[int]
+    default_max_tokens: int
+
+    def configure_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Apply the config's batch size and wait to `@serve.batch`."""
+        self._decode.set_max_batch_size(max_batch_size)
+        self._decode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def steps(self, jobs: list[Job]):
+        """Decode `jobs` as one batch (see `serving.generation.decode_batch`)."""
+        raise NotImplementedError
 
     async def respond(self, request: CompletionRequest | ChatCompletionRequest, adapter: str | None):
         """A whole completion or chat completion, or an OpenAIError."""
@@ -128,8 +141,7 @@ class HFEngine:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _decode(self, jobs: list[Job]):
         """Decode concurrent sequences as one batch; yields a list with one Event per job per step."""
-        steps = decode_batch(self.model, self.tokenizer, jobs, self.eos_ids, self.tokenizer.pad_token_id,
-                             self.autocast, multi_adapter=bool(self.cfg.adapters))
+        steps = self.steps(jobs)
         while (events := await asyncio.to_thread(next, steps, None)) is not None:
             yield [StopIteration if e is None else e for e in events]
 
@@ -157,7 +169,7 @@ class HFEngine:
             if not ids:
                 raise OpenAIError(400, "the prompt is empty", param=param)
             room = self.context - len(ids)
-            max_tokens = request.max_tokens or min(self.cfg.default_max_tokens, room)
+            max_tokens = request.max_tokens or min(self.default_max_tokens, room)
             if room < 1 or max_tokens > room:
                 raise OpenAIError(
                     400, f"this model's maximum context length is {self.context} tokens; the prompt has "
@@ -181,6 +193,25 @@ class HFEngine:
         except Exception as err:  # templates raise on e.g. role order; that is the request's fault
             raise OpenAIError(400, f"the chat template rejected the messages: {err}", param="messages")
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+
+@serve.deployment
+class HFEngine(TextEngine):
+    """One model (and its adapters) served with transformers; see the module docstring."""
+
+    def __init__(self, model: dict):
+        self.cfg = ModelConfig.model_validate(model)
+        self.model, self.tokenizer, self.autocast = load_for_serving(self.cfg)
+        config = self.model.config
+        self.context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        self.eos_ids = eos_ids(self.model, self.tokenizer)
+        self.default_max_tokens = self.cfg.default_max_tokens
+        self.configure_batching(self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
+
+    def steps(self, jobs: list[Job]):
+        """One left-padded batch through this replica's model (adapters mixed per row)."""
+        return decode_batch(self.model, self.tokenizer, jobs, self.eos_ids, self.tokenizer.pad_token_id,
+                            self.autocast, multi_adapter=bool(self.cfg.adapters))
 
 
 async def _merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:

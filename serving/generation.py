@@ -135,11 +135,16 @@ class BatchDecoder:
 
 
 def decode_batch(model, tokenizer, jobs: list[Job], eos_ids: set[int], pad_id: int,
-                 autocast: torch.dtype | None = None, multi_adapter: bool = False
+                 autocast: torch.dtype | None = None, multi_adapter: bool = False, decoder=None
                  ) -> Iterator[list[Event | None]]:
-    """Decode `jobs` together; yields one list per step with an Event per job (None once finished)."""
-    decoder = BatchDecoder(model, [j.prompt_ids for j in jobs], pad_id,
-                           [j.adapter for j in jobs] if multi_adapter else None, autocast)
+    """Decode `jobs` together; yields one list per step with an Event per job (None once finished).
+
+    `decoder` is any logits source with `step(tokens) -> [batch, vocab]` (e.g. a logit-fusion
+    ensemble); by default a `BatchDecoder` over `model`.
+    """
+    if decoder is None:
+        decoder = BatchDecoder(model, [j.prompt_ids for j in jobs], pad_id,
+                               [j.adapter for j in jobs] if multi_adapter else None, autocast)
     generators = [_generator(j.seed) if j.temperature > 0 else None for j in jobs]
     trackers = [TextTracker(tokenizer, j.stop) for j in jobs]
     done = [False] * len(jobs)

@@ -21,6 +21,12 @@ def base_model_of(ckpt: Path) -> tuple[str, str | None]:
     return adapter["base_model_name_or_path"], None
 
 
+def load_checkpoint_tokenizer(path: str | Path) -> Any:
+    """The tokenizer `load_checkpoint` would return, without loading any weights."""
+    p = Path(path)
+    return AutoTokenizer.from_pretrained(p) if (p / "adapter_config.json").exists() else load_tokenizer(str(path))
+
+
 def load_checkpoint(path: str | Path, merge: bool = True) -> tuple[Any, Any]:
     """(model, tokenizer) from a checkpoint dir (PEFT adapter or full), or from a model name/alias."""
     p = Path(path)
@@ -29,5 +35,5 @@ def load_checkpoint(path: str | Path, merge: bool = True) -> tuple[Any, Any]:
 
         name, gguf = base_model_of(p)
         model = PeftModel.from_pretrained(load_model(name, gguf_file=gguf), p)
-        return (model.merge_and_unload() if merge else model), AutoTokenizer.from_pretrained(p)
-    return load_model(str(path)), load_tokenizer(str(path))
+        return (model.merge_and_unload() if merge else model), load_checkpoint_tokenizer(p)
+    return load_model(str(path)), load_checkpoint_tokenizer(path)
