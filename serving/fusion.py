@@ -21,8 +21,10 @@ the per-call cost further (~0.4–0.7 ms) and are the next step if the overhead 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
 import torch
@@ -71,13 +73,39 @@ def dynamic_fusion(z_large: torch.Tensor, z_small: torch.Tensor, z_experts: torc
     return alpha, z_large + torch.einsum("bt,tbv->bv", alpha, z_experts - z_small[None])
 
 
+def lora_experts_of(paths: list[str]) -> bool:
+    """Whether paths[1:] are all (non-DoRA) LoRA adapters of paths[0]: then one batched forward serves them all."""
+    from ftray.eval.loading import base_model_of
+    from ftray.models import resolve_model_path
+
+    def is_lora_of_base(path: str) -> bool:
+        config = Path(path) / "adapter_config.json"
+        if not config.is_file() or json.loads(config.read_text()).get("use_dora"):
+            return False
+        return resolve_model_path(base_model_of(Path(path))[0]) == resolve_model_path(paths[0])
+
+    return len(paths) > 1 and all(is_lora_of_base(p) for p in paths[1:])
+
+
 @ray.remote
 class FusionMember:
-    """One or more models with a KV cache per decoding session; returns each step's logits."""
+    """One or more models with a KV cache per decoding session; returns each step's logits.
+
+    When the other models are LoRA adapters of the first (the usual expert: ftray's LoRA on the small
+    base), they are mounted on one PEFT model and decoded as one batch of M·B rows with per-row
+    adapters: decoding one row is memory-bound on CPU, so M rows cost little more than one.
+    """
 
     def __init__(self, paths: list[str], dtype: str, num_threads: int, num_gpus: float = 0.0):
         torch.set_num_threads(max(1, num_threads))
-        loaded = [load_for_serving(ModelConfig(name="member", path=p, dtype=dtype, num_gpus=num_gpus)) for p in paths]
+        self.row_adapters: list[str | None] | None = None
+        if lora_experts_of(paths):
+            adapters = {f"expert{i}": p for i, p in enumerate(paths[1:])}
+            loaded = [load_for_serving(ModelConfig(name="member", path=paths[0], dtype=dtype, num_gpus=num_gpus,
+                                                   adapters=adapters))]
+            self.row_adapters = [None, *adapters]
+        else:
+            loaded = [load_for_serving(ModelConfig(name="member", path=p, dtype=dtype, num_gpus=num_gpus)) for p in paths]
         self.models = [(model, autocast) for model, _, autocast in loaded]
         self.tokenizer = loaded[0][1]
         self.sessions: dict[str, tuple[list[BatchDecoder], torch.Tensor | None]] = {}
@@ -91,14 +119,24 @@ class FusionMember:
     def start(self, session: str, prompts: list[list[int]], pad_id: int,
               weights: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill a new session; `weights` [M] make it return Σ wₘ zₘ instead of all M rows."""
-        decoders = [BatchDecoder(model, prompts, pad_id, autocast=autocast) for model, autocast in self.models]
+        if self.row_adapters is None:
+            decoders = [BatchDecoder(model, prompts, pad_id, autocast=autocast) for model, autocast in self.models]
+        else:
+            (model, autocast), m = self.models[0], len(self.row_adapters)
+            rows = [a for a in self.row_adapters for _ in prompts]
+            decoders = [BatchDecoder(model, prompts * m, pad_id, adapters=rows, autocast=autocast)]
         self.sessions[session] = (decoders, weights)
         return self.step(session, None)
 
     def step(self, session: str, tokens: list[int] | None) -> torch.Tensor:
         """Feed one token per row: logits [M, B, V], or the weighted sum [B, V]."""
         decoders, weights = self.sessions[session]
-        logits = torch.stack([d.step(tokens) for d in decoders])
+        if self.row_adapters is None:
+            logits = torch.stack([d.step(tokens) for d in decoders])
+        else:
+            m = len(self.row_adapters)
+            logits = decoders[0].step(None if tokens is None else tokens * m)
+            logits = logits.view(m, -1, logits.shape[-1])
         return logits if weights is None else torch.einsum("m,mbv->bv", weights, logits)
 
     def end(self, session: str) -> None:
