@@ -123,6 +123,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    import ftray.methods  # noqa: F401  methods that define model classes (LoRAMoE) register them with the Auto classes
+
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     if task not in _TASKS:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ftray.data.errors import DataError
-from ftray.data.tokenize import IGNORE_INDEX, SPAN_PROMPT
+from ftray.data.tokenize import IGNORE_INDEX, SPAN_PROMPT, TASK_TYPE
 
 
 def _padded_length(n: int, multiple: int | None) -> int:
@@ -29,7 +29,10 @@ def _padded_length(n: int, multiple: int | None) -> int:
 
 
 def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest: input_ids, labels (-100 on pads), attention_mask, span_ids (0 on pads)."""
+    """Right-pad rows to the longest: input_ids, labels (-100 on pads), attention_mask, span_ids (0 on pads).
+
+    When every row carries a `task_type`, the batch gets it too, as a (batch,) tensor.
+    """
     n = _padded_length(max(len(r["input_ids"]) for r in rows), pad_to_multiple_of)
     batch = {
         "input_ids": torch.full((len(rows), n), pad_id, dtype=torch.long),
@@ -42,6 +45,8 @@ def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = 
         for key in ("input_ids", "labels", "span_ids"):
             batch[key][i, :k] = torch.as_tensor(r[key], dtype=torch.long)
         batch["attention_mask"][i, :k] = 1
+    if all(r.get(TASK_TYPE) is not None for r in rows):
+        batch[TASK_TYPE] = torch.tensor([r[TASK_TYPE] for r in rows], dtype=torch.long)
     return batch
 
 

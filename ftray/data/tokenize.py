@@ -21,6 +21,7 @@ from ftray.data.formats import to_messages, validate_rows
 SPAN_PROMPT, SPAN_RESPONSE, SPAN_RATIONALE, SPAN_ANSWER = 0, 1, 2, 3
 SPAN_IDS = {"rationale": SPAN_RATIONALE, "answer": SPAN_ANSWER}
 IGNORE_INDEX = -100
+TASK_TYPE = "task_type"  # optional per-row integer label, passed through to the batch
 _CHUNK = 1000  # rows per batched tokenizer call: fast tokenizers parallelise inside a call
 
 
@@ -71,7 +72,11 @@ def _prepare(ds: datasets.Dataset, tokenizer, fmt: str, source: str) -> tuple[li
 
 def tokenize_dataset(ds: datasets.Dataset, tokenizer, fmt: str, max_len: int,
                      source_name: str = "data") -> datasets.Dataset:
-    """Validate and tokenize `ds`: columns input_ids, labels, span_ids, length (right-truncated to max_len)."""
+    """Validate and tokenize `ds`: columns input_ids, labels, span_ids, length (right-truncated to max_len).
+
+    A `task_type` column (one integer per row, e.g. LoRAMoE's 1 = world knowledge / 0 = downstream) is
+    carried through unchanged so that `collate` can put it in the batch.
+    """
     if max_len < 2:
         raise DataError(f"{source_name}: data.max_len must be at least 2, got {max_len}")
     if not getattr(tokenizer, "is_fast", True):
@@ -95,4 +100,14 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, fmt: str, max_len: int,
             out["labels"].append([IGNORE_INDEX] * first + ids[first:])
             out["span_ids"].append([SPAN_PROMPT] * first + [_span_id(s, e, char_spans[i]) for s, e in offsets[first:]])
             out["length"].append(len(ids))
+    if TASK_TYPE in ds.column_names:
+        out[TASK_TYPE] = _task_types(ds[TASK_TYPE], source_name)
     return datasets.Dataset.from_dict(out)
+
+
+def _task_types(values: list, source: str) -> list[int]:
+    for i, v in enumerate(values, 1):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise row_error(source, i, f"field '{TASK_TYPE}' must be an integer (e.g. 1 = world knowledge, "
+                            f"0 = downstream task), got {type(v).__name__} {v!r}")
+    return list(values)

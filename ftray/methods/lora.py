@@ -66,12 +66,20 @@ class Lora(Method):
         )
         model = get_peft_model(model, peft_config)
         if c.variant in ("pissa", "olora"):
-            # PiSSA/OLoRA rewrite the base weights (W ← W − BA), so an adapter saved as-is only works on
-            # that residual base. Keep the initial adapter so checkpoints are converted to a plain LoRA
-            # (rank 2r) that loads on the original base (PEFT's documented conversion path).
-            init_dir = Path(tempfile.mkdtemp(prefix="ftray-lora-init-"))
-            model.peft_config["default"].init_lora_weights = True
-            model.save_pretrained(init_dir)
-            model.peft_config["default"].init_lora_weights = init
-            model.ftray_save_kwargs = {"path_initial_model_for_weight_conversion": str(init_dir)}
+            keep_initial_adapter(model)
         return model
+
+
+def keep_initial_adapter(model: torch.nn.Module) -> None:
+    """Make saves of a residual-base adapter (PiSSA, OLoRA, CorDA) load on the original base model.
+
+    These inits rewrite the base weights (W ← W − BA), so an adapter saved as-is only works on that
+    residual base. Keep the initial adapter so checkpoints are converted to a plain LoRA (rank 2r)
+    that loads on the original base (PEFT's documented conversion path, via `export_hf`).
+    """
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    init_dir = Path(tempfile.mkdtemp(prefix="ftray-lora-init-"))
+    model.save_pretrained(init_dir)
+    config.init_lora_weights = init
+    model.ftray_save_kwargs = {"path_initial_model_for_weight_conversion": str(init_dir)}

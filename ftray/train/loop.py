@@ -110,6 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue  # resumed past this phase: its structure is replayed, its steps are done
         phase_start = plan.phase_ends[k - 1] if k else 0
         model = wrap_model(model, spec.scaling.strategy, device)
+        model.train()  # from_pretrained returns eval mode: dropout (e.g. LoRA's) would be off until the first eval
         groups = next((g for m in methods if (g := m.param_groups(unwrap(model), ctx))), None)
         params = groups or [p for p in model.parameters() if p.requires_grad]
         optimizer = next((o for m in methods if (o := m.optimizer(params, ctx))), None) or build_optimizer(params, spec.train)
