@@ -14,7 +14,7 @@ from ftray.data import BUNDLED, extract_answer, load_rows, to_messages
 from ftray.data import bundled
 from ftray.data.bundled.generate import build_all
 
-SIZES = {"arithmetic": (2000, 200), "factual_qa": (500, 200), "classification": (1000, 200)}
+SIZES = {"arithmetic": (2000, 200), "factual_qa": (500, 200), "classification": (1000, 200), "factual_edits": (100, 200)}
 
 
 def read(name: str, split: str) -> list[dict]:
@@ -35,7 +35,7 @@ def test_regenerating_gives_the_shipped_bytes(tmp_path: Path) -> None:
 def test_sizes_and_disjoint_splits(name: str) -> None:
     train, test = read(name, "train"), read(name, "test")
     assert (len(train), len(test)) == SIZES[name]
-    key = {"arithmetic": "question", "factual_qa": "prompt", "classification": "text"}[name]
+    key = {"arithmetic": "question", "factual_qa": "prompt", "classification": "text", "factual_edits": "prompt"}[name]
     assert not {r[key] for r in train} & {r[key] for r in test}
     assert len({r[key] for r in train}) == len(train)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED = {"arithmetic", "factual_qa", "classification"}
+BUNDLED = {"arithmetic", "factual_qa", "classification", "factual_edits"}
 SPLITS = ("train", "test")
 DIR = Path(__file__).parent
 

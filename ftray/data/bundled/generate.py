@@ -13,6 +13,7 @@ from pathlib import Path
 from ftray.data.bundled import DIR
 from ftray.data.bundled import arithmetic as _arithmetic
 from ftray.data.bundled import classification as _classification
+from ftray.data.bundled import factual_edits as _factual_edits
 from ftray.data.bundled import factual_qa as _factual_qa
 
 SEED = 1234
@@ -33,7 +34,12 @@ def classification() -> tuple[list[dict], list[dict]]:
     return _classification.generate(SEED, n_train=1000, n_test=200)
 
 
-DATASETS = {"arithmetic": arithmetic, "factual_qa": factual_qa, "classification": classification}
+def factual_edits() -> tuple[list[dict], list[dict]]:
+    """Counterfactual edits of the factual-QA facts: requests / two rephrasings of each (100 / 200)."""
+    return _factual_edits.generate(SEED, n_edits=100)
+
+
+DATASETS = {"arithmetic": arithmetic, "factual_qa": factual_qa, "classification": classification, "factual_edits": factual_edits}
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
