@@ -1,4 +1,4 @@
-"""Weight merging: uniform soups, task arithmetic and LiNeS over checkpoints that share a base.
+"""Weight merging: uniform soups, task arithmetic, LiNeS and sparse-diff composition over checkpoints that share a base.
 
 Each method is one small registered class (`ftray/merge/<name>.py`); `merge_checkpoints` loads full
 weights (LoRA adapters merged into their base), refuses mismatched architectures or bases, and writes
@@ -13,6 +13,6 @@ from ftray.merge.registry import MERGES, MergeConfig, MergeMethod, register
 from ftray.merge.run import merge_checkpoints
 
 # The one list of merge method modules; importing registers them.
-from ftray.merge import lines, task_arithmetic, uniform  # noqa: E402,F401  isort: skip
+from ftray.merge import lines, sparse_diff, task_arithmetic, uniform  # noqa: E402,F401  isort: skip
 
 __all__ = ["MERGES", "MergeConfig", "MergeError", "MergeMethod", "check_compatible", "describe", "merge_checkpoints", "register"]

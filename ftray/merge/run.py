@@ -43,6 +43,9 @@ def merge_checkpoints(method: str, checkpoints: list[str], out: str | Path, base
     """Merge `checkpoints` with `method` (against `base` when it needs one); write a normal HF checkpoint."""
     if not checkpoints:
         raise MergeError("no checkpoints to merge")
+    custom = getattr(MERGES.get(method.replace("-", "_")), "merge", None)
+    if custom is not None:  # a method whose ingredients are not (only) full checkpoints, e.g. sparse_diff's φ files
+        return custom(checkpoints, out, base=base, **params)
     check_out(Path(out))
     ingredients = [describe(c) for c in checkpoints]
     merger = build_merge(method, len(checkpoints), num_layers(ingredients[0].arch, checkpoints[0]), params)

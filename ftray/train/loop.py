@@ -106,8 +106,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = unwrap(model)
         for m in methods:
             model = m.prepare_model(model, ctx)
-        if ctx.step >= plan.phase_ends[k]:
-            continue  # resumed past this phase: its structure is replayed, its steps are done
+        if ctx.step >= plan.phase_ends[k]:  # resumed past this phase: its structure is replayed, its steps are done
+            if state and state["phase"] == k:  # checkpointed at this phase's last step: the next phase starts from it
+                model.load_state_dict(state["model"], strict=False)
+            continue
         phase_start = plan.phase_ends[k - 1] if k else 0
         model = wrap_model(model, spec.scaling.strategy, device)
         model.train()  # from_pretrained returns eval mode: dropout (e.g. LoRA's) would be off until the first eval
