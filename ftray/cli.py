@@ -109,18 +109,20 @@ def soup(
 
 @app.command()
 def merge(
-    method: str = typer.Argument(..., help="task-arithmetic | lines (any registered merge method)."),
+    method: str = typer.Argument(..., help="task-arithmetic | lines | sparse-diff (any registered merge method)."),
     base: str = typer.Argument(..., help="The base model the checkpoints were fine-tuned from (dir or alias)."),
-    checkpoints: list[str] = typer.Argument(..., help="Fine-tuned checkpoint dirs (adapters are merged into the base)."),
+    checkpoints: list[str] = typer.Argument(..., help="Fine-tuned checkpoint dirs (adapters are merged into the base); "
+                                            "sparse-diff also takes sparse_diff.safetensors files."),
     out: str = typer.Option(..., "--out", help="Output checkpoint dir (written atomically)."),
     scale: Optional[float] = typer.Option(None, help="task-arithmetic: λ on the summed task vectors (default 1)."),
     alpha: Optional[float] = typer.Option(None, help="lines: scale of the first block and non-block weights (default 1/T, or 0.1 for one checkpoint)."),
     beta: Optional[float] = typer.Option(None, help="lines: added scale at the last block (default 1−α for one checkpoint, else 0.5)."),
+    threshold: Optional[float] = typer.Option(None, help="sparse-diff: for a full checkpoint without an exported φ, drop |θ−θ⁰| ≤ this (default 1e-7)."),
 ) -> None:
-    """Merge task vectors (checkpoint − base): task arithmetic or LiNeS layer scaling."""
+    """Merge task vectors (checkpoint − base): task arithmetic, LiNeS layer scaling, or LT-SFT sparse-diff composition."""
     from ftray.merge import MergeError, merge_checkpoints
 
-    params = {k: v for k, v in {"scale": scale, "alpha": alpha, "beta": beta}.items() if v is not None}
+    params = {k: v for k, v in {"scale": scale, "alpha": alpha, "beta": beta, "threshold": threshold}.items() if v is not None}
     try:
         path = merge_checkpoints(method, checkpoints, out, base=base, **params)
     except (MergeError, ValueError, OSError) as err:
@@ -131,17 +133,28 @@ def merge(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Checkpoint dir (adapter or full), model path or alias."),
-    source: str = typer.Option("bundled:arithmetic", help="Eval data source."),
-    split: str = typer.Option("test"),
+    source: Optional[str] = typer.Option(None, help="Eval data source (default bundled:arithmetic; bundled:factual_edits with --edits)."),
+    split: Optional[str] = typer.Option(None, help="Split (default test; train with --edits: the edits the model was trained on)."),
     max_samples: Optional[int] = typer.Option(200),
-    max_new_tokens: int = typer.Option(96),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Generation budget (default 96; 32 with --edits)."),
+    edits: bool = typer.Option(False, "--edits", help="Model-editing metrics instead: reliability, generality, locality."),
+    base: Optional[str] = typer.Option(None, help="--edits: the unedited model locality compares with (default: the checkpoint's base)."),
 ) -> None:
-    """Exact match (greedy generation) and perplexity on a dataset split."""
+    """Exact match (greedy generation) and perplexity on a dataset split, or editing metrics with --edits."""
     from ftray.eval import evaluate_on_ray
+    from ftray.eval.edits import evaluate_edits_on_ray
     from ftray.train.trainer import ensure_ray
 
     ensure_ray()
-    result = evaluate_on_ray(model, source=source, split=split, max_samples=max_samples, max_new_tokens=max_new_tokens)
+    if edits:
+        try:
+            result = evaluate_edits_on_ray(model, base_ref=base, source=source or "bundled:factual_edits", split=split or "train",
+                                           max_samples=max_samples, max_new_tokens=max_new_tokens or 32)
+        except ValueError as err:
+            _fail(f"error: {err}")
+    else:
+        result = evaluate_on_ray(model, source=source or "bundled:arithmetic", split=split or "test", max_samples=max_samples,
+                                 max_new_tokens=max_new_tokens or 96)
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -227,6 +240,39 @@ def bench_train_throughput(
     from ftray.bench.throughput import main
 
     main(steps=steps, out_dir=out, model=model, batch_size=batch_size, packing=packing)
+
+
+@bench_app.command("fusion-overhead")
+def bench_fusion_overhead(
+    tokens: int = typer.Option(64, help="Greedy tokens timed per path."),
+    batch: int = typer.Option(1, help="Sequences decoded together."),
+    out: str = typer.Option("bench_results", help="Directory for JSON and markdown."),
+    model: str = typer.Option("smollm2-135m", help="Large model and small base (the bundled model is both here)."),
+    expert: str = typer.Option(None, help="Tuned small model (e.g. an ftray run's final/); default: a random LoRA on --model."),
+    threads: int = typer.Option(1, help="Torch threads (and Ray CPUs) per member actor."),
+) -> None:
+    """Logit-fusion ensemble latency per token against each member alone, their max and their sum."""
+    from ftray.bench.fusion import main
+
+    main(tokens=tokens, batch=batch, out_dir=out, model=model, expert=expert, threads=threads)
+
+
+@bench_app.command("serve-throughput")
+def bench_serve_throughput(
+    out: str = typer.Option("bench_results", help="Directory for JSON and markdown."),
+    model: str = typer.Option("smollm2-135m"),
+    max_tokens: int = typer.Option(64, help="Greedy tokens per request."),
+    clients: str = typer.Option("1,4,16", help="Comma-separated concurrency levels."),
+    rounds: int = typer.Option(2, help="Requests per client per level (twice that at 1 client)."),
+    contenders: str = typer.Option("all", help="Comma-separated subset of generate-seq, generate-batch, "
+                                   "vllm-offline, ftray-vllm, ray-serve-llm, ftray-hf; or 'all'."),
+) -> None:
+    """ftray serving (engine hf, engine vllm) vs ray.serve.llm's OpenAI app, vLLM offline and model.generate."""
+    from ftray.bench.serve import main
+
+    levels = [int(c) for c in clients.split(",") if c.strip()]
+    names = None if contenders == "all" else [c.strip() for c in contenders.split(",") if c.strip()]
+    main(out_dir=out, model=model, max_tokens=max_tokens, levels=levels, rounds=rounds, contenders=names)
 
 
 if __name__ == "__main__":
