@@ -127,8 +127,16 @@ def main(methods: list[str], steps: int = 40, out_dir: str = "bench_results", mo
     out.mkdir(parents=True, exist_ok=True)
     baselines = [BASELINE] + sorted({REGISTRY[m].baseline for m in methods} - {BASELINE})
     names = baselines + [m for m in methods if m not in baselines]
+    untuned_cache = out / "rows" / "_untuned.json"
+    key = {"model": model, "eval_n": eval_n}
+    if untuned_cache.exists() and (cached := json.loads(untuned_cache.read_text())).get("key") == key:
+        untuned = cached["score"]
+    else:
+        untuned = score(model, eval_n)
+        untuned_cache.parent.mkdir(parents=True, exist_ok=True)
+        untuned_cache.write_text(json.dumps({"key": key, "score": untuned}))
     report = {"model": model, "steps": steps, "examples_per_step": 4 * workers, "eval_n": eval_n,
-              "untuned": score(model, eval_n), "rows": []}
+              "untuned": untuned, "rows": []}
     for name in names:
         report["rows"].append(run_one(name, model, steps, out, eval_n, workers))
         (out / "methods.json").write_text(json.dumps(report, indent=2))  # keep partial results
