@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftray.config import build_spec
+from ftray.config import build_spec, load_spec
 from ftray.eval.loading import load_checkpoint
 from ftray.methods import REGISTRY, Context, build_methods
 from ftray.models import load_model
@@ -29,6 +29,12 @@ def test_method_has_test_tune_space_docs_and_defaults(name):
     assert cls.paper and cls.__module__ and REGISTRY[name].__doc__
     assert all(f.description for f in cls.Config.model_fields.values()), "every config field is documented"
     cls.Config()  # every field has the paper's default
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_method_has_a_recipe_that_validates_and_uses_it(name):
+    spec = load_spec(name)  # ftray/recipes/<name>.yaml, validated as `ftray train <name>` would
+    assert name in [m["name"] for m in spec.methods]
 
 
 @pytest.mark.parametrize("name", NAMES)
