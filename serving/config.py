@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,8 +37,9 @@ class ModelConfig(BaseModel):
     )
     engine: Literal["hf", "vllm"] = Field(
         "hf",
-        description="`hf`: ftray's transformers engine (batched, streaming, multi-LoRA). `vllm`: "
-        "Ray Serve LLM with vLLM (not available yet: refused at build time).",
+        description="`hf`: ftray's transformers engine (batched, streaming, multi-LoRA, ensemble "
+        "members). `vllm`: vLLM through Ray Serve LLM (`pip install` per the Makefile's setup; "
+        "serving/vllm_engine.py).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -64,8 +65,38 @@ class ModelConfig(BaseModel):
     adapters: dict[str, str] = Field(
         default_factory=dict,
         description="LoRA adapters mounted on this base, served as `name:adapter`: adapter name -> "
-        "PEFT adapter dir (e.g. an ftray run's final/).",
+        "PEFT adapter dir (e.g. an ftray run's final/), or -> {path: DIR, merge: true} (see merge_adapters).",
     )
+    merge_adapters: list[str] = Field(
+        default_factory=list,
+        description="engine vllm: adapters merged into a full copy of the base at load and served by their "
+        "own replica, for kinds vLLM cannot serve as LoRA (DoRA). Set by `merge: true` on an adapter entry.",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="engine vllm: extra vLLM engine arguments (e.g. {enforce_eager: true}), over ftray's "
+        "defaults (serving.vllm_engine.DEFAULT_ENGINE_KWARGS).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_entries(cls, raw: Any) -> Any:
+        # `adapters: {a: {path: DIR, merge: true}}` is stored as `adapters: {a: DIR}` plus
+        # `merge_adapters: [a]`, so code reading `adapters` always sees name -> path.
+        if not isinstance(raw, dict) or not isinstance(raw.get("adapters"), dict):
+            return raw
+        adapters, merged = {}, list(raw.get("merge_adapters") or [])
+        for name, entry in raw["adapters"].items():
+            if isinstance(entry, dict):
+                unknown = set(entry) - {"path", "merge"}
+                if unknown or "path" not in entry:
+                    raise ValueError(f"adapter {name!r}: an entry is a path or {{path: DIR, merge: bool}}, "
+                                     f"got keys {sorted(entry)}")
+                if entry.get("merge") and name not in merged:
+                    merged.append(name)
+                entry = entry["path"]
+            adapters[name] = entry
+        return {**raw, "adapters": adapters, "merge_adapters": merged}
 
     @field_validator("name")
     @classmethod
@@ -84,6 +115,11 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ModelConfig:
+        if missing := set(self.merge_adapters) - set(self.adapters):
+            raise ValueError(f"merge_adapters {sorted(missing)} are not listed under adapters")
+        if self.merge_adapters and self.engine != "vllm":
+            raise ValueError("merge: true is for engine vllm; engine hf serves an adapter merged as its own "
+                             "model entry (path: the adapter dir)")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from ftray.cli import app as cli
-from serving.app import app_builder, build_app
+from serving.app import app_builder
 from serving.config import ServeConfigError, load_serve_config, parse_serve_config
 from serving.generation import Job, TextTracker, decode_batch
 
@@ -45,9 +45,14 @@ def test_duplicate_names_and_missing_paths_are_refused(tmp_path):
         load_serve_config(cfg)
 
 
-def test_vllm_engine_is_refused_at_build_time():
-    with pytest.raises(ServeConfigError, match=r"models\.0\.engine: vllm is not available"):
-        build_app({"models": [{"name": "a", "path": "smollm2-135m", "engine": "vllm"}]})
+def test_adapter_entries_with_merge_are_for_engine_vllm():
+    model = {"name": "a", "path": "x", "engine": "vllm", "adapters": {"l": "/l", "d": {"path": "/d", "merge": True}}}
+    parsed = parse_serve_config({"models": [model]}).models[0]
+    assert parsed.adapters == {"l": "/l", "d": "/d"} and parsed.merge_adapters == ["d"]
+    with pytest.raises(ServeConfigError, match=r"models\.0: .*merge: true is for engine vllm"):
+        parse_serve_config({"models": [{**model, "engine": "hf"}]})
+    with pytest.raises(ServeConfigError, match=r"models\.0: .*adapter 'd'"):
+        parse_serve_config({"models": [{**model, "adapters": {"d": {"dir": "/d"}}}]})
 
 
 def test_app_builder_needs_a_config(monkeypatch):
