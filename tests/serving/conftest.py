@@ -68,6 +68,7 @@ def serve_url(tiny_model_dir: Path, adapter_dir: Path) -> str:
     if started_ray:
         ray.init(address="local", num_cpus=2, include_dashboard=False)
     port = free_port()
+    serve.shutdown()  # a Serve left running by another module would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(tiny_config(tiny_model_dir, adapter_dir, port)), name="tiny", route_prefix="/")
     yield f"http://127.0.0.1:{port}"

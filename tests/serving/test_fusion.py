@@ -93,10 +93,11 @@ def client(members):
                       ensemble("fused-dlf", members)],
         "api_key": API_KEY, "host": "127.0.0.1", "port": port,
     }
+    serve.shutdown()  # a Serve left running by another module would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="fusion", route_prefix="/")
     yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-    serve.delete("fusion")
+    serve.shutdown()
     if started_ray:
         ray.shutdown()
 

@@ -93,6 +93,7 @@ def url(dirs: dict[str, Path]) -> str:
     if started_ray:
         ray.init(address="local", num_cpus=2, include_dashboard=False)
     port = free_port()
+    serve.shutdown()  # a Serve left running by another module would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_config(dirs, port)), name="vllm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import ray
 from ray.util.state import list_actors
 
 from tests.train.helpers import events, logged, train_tiny
@@ -18,7 +19,9 @@ def kill_a_worker_after_checkpoint(run_dir, stop: threading.Event) -> int | None
     while not stop.is_set():
         steps = logged(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
         if (run_dir / f"checkpoint_{EVERY:06d}").exists() and max(steps, default=0) >= EVERY + 3:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            # This session's Ray by address: another Ray on the machine must not make the state API ambiguous.
+            workers = list_actors(address=ray.get_runtime_context().gcs_address,
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             pid = workers[-1]["pid"]
             os.kill(pid, signal.SIGKILL)
             return pid
