@@ -46,7 +46,7 @@ def train(
         _fail(f"error: {err}")
     keys = ("exact_match_before", "exact_match_after", "perplexity_before", "perplexity_after", "loss", "eval_loss")
     summary = {"run_dir": str(result.run_dir), "final": str(result.final_dir), "wall_s": round(time.perf_counter() - t0, 1),
-               **{k: result.metrics[k] for k in keys if k in result.metrics}}
+               **{k: v for k, v in result.metrics.items() if k in keys or (k.endswith("_after") and isinstance(v, float))}}
     if "://" not in str(spec.output.dir):  # remote storage: the summary is printed, checkpoints are there
         (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(json.dumps(summary, indent=2))
@@ -133,14 +133,14 @@ def merge(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Checkpoint dir (adapter or full), model path or alias."),
-    source: Optional[str] = typer.Option(None, help="Eval data source (default bundled:arithmetic; bundled:factual_edits with --edits)."),
+    source: Optional[str] = typer.Option(None, help="Eval data source (default: a checkpoint's own eval data, else bundled:arithmetic; bundled:factual_edits with --edits)."),
     split: Optional[str] = typer.Option(None, help="Split (default test; train with --edits: the edits the model was trained on)."),
     max_samples: Optional[int] = typer.Option(200),
     max_new_tokens: Optional[int] = typer.Option(None, help="Generation budget (default 96; 32 with --edits)."),
     edits: bool = typer.Option(False, "--edits", help="Model-editing metrics instead: reliability, generality, locality."),
     base: Optional[str] = typer.Option(None, help="--edits: the unedited model locality compares with (default: the checkpoint's base)."),
 ) -> None:
-    """Exact match (greedy generation) and perplexity on a dataset split, or editing metrics with --edits."""
+    """Exact match and perplexity on a split (classification / retrieval checkpoints: their task's metrics), or editing metrics with --edits."""
     from ftray.eval import evaluate_on_ray
     from ftray.eval.edits import evaluate_edits_on_ray
     from ftray.train.trainer import ensure_ray
@@ -153,7 +153,7 @@ def eval_cmd(
         except ValueError as err:
             _fail(f"error: {err}")
     else:
-        result = evaluate_on_ray(model, source=source or "bundled:arithmetic", split=split or "test", max_samples=max_samples,
+        result = evaluate_on_ray(model, source=source, split=split or "test", max_samples=max_samples,
                                  max_new_tokens=max_new_tokens or 96)
     typer.echo(json.dumps(result, indent=2))
 

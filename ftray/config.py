@@ -30,9 +30,23 @@ class ModelSpec(_Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside `name` when `name` is a hub repo/dir.")
 
 
+class TaskSpec(_Section):
+    """What the model learns to do: next-token prediction, a label per text, or query→passage retrieval."""
+
+    type: Literal["causal_lm", "classification", "retrieval"] = Field(
+        "causal_lm", description="causal_lm: LM loss on reply tokens; classification: a sequence-classification head "
+        "on the backbone, labels from a `label` column; retrieval: a bi-encoder trained with in-batch negatives."
+    )
+    num_labels: int | None = Field(None, ge=2, description="Classification: number of classes; default = 1 + the largest label in the data.")
+    pooling: Literal["mean", "last"] = Field("mean", description="Retrieval: how token states become one embedding.")
+    temperature: float = Field(0.05, gt=0, description="Retrieval: softmax temperature of the cosine-similarity scores.")
+    negatives: int = Field(7, ge=0, description="Retrieval: hard negatives per query in training (besides in-batch ones).")
+    eval_corpus: str | None = Field(None, description="Retrieval: corpus (rows of pid, text) embedded for eval; default = the bundled corpus.")
+
+
 class DataSpec(_Section):
     source: str = Field("bundled:arithmetic", description="'bundled:<name>', a jsonl/json/csv/parquet path, or a datasets id.")
-    format: Literal["auto", "chat", "prompt_completion", "cot", "classification"] = Field(
+    format: Literal["auto", "chat", "prompt_completion", "cot", "classification", "retrieval"] = Field(
         "auto", description="Row layout; 'auto' detects it from the columns."
     )
     split: str = Field("train", description="Split used for training.")
@@ -89,6 +103,7 @@ class RunSpec(_Section):
     """A whole run: what to train, on what, how, where and with which methods."""
 
     model: ModelSpec = Field(default_factory=ModelSpec)
+    task: TaskSpec = Field(default_factory=TaskSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     methods: list[dict[str, Any]] = Field(
         default_factory=lambda: [{"name": "full"}],
@@ -113,10 +128,18 @@ class RunSpec(_Section):
         from ftray.methods import build_methods
 
         for i, method in enumerate(build_methods(self.methods)):
+            if self.task.type not in method.tasks:
+                raise ValueError(f"methods.{i} ({method.name}): supports task.type {' or '.join(method.tasks)}, not {self.task.type!r}")
             try:
                 method.check(self)
             except ValueError as err:
                 raise ValueError(f"methods.{i} ({method.name}): {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits_the_data(self) -> RunSpec:
+        if self.task.type != "causal_lm" and self.data.packing:
+            raise ValueError(f"data.packing: packing is for causal_lm; task.type is {self.task.type!r}")
         return self
 
     @model_validator(mode="after")

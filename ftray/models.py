@@ -47,7 +47,7 @@ _DTYPES = {
     "float16": torch.float16,
     "auto": torch.float32,
 }
-_TASKS = ("causal_lm", "classification")
+_TASKS = ("causal_lm", "classification", "retrieval")
 # What a training/serving run needs from a hub repo; skips .bin/.gguf/.onnx duplicates of weights.
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
@@ -117,11 +117,12 @@ def load_model(
         name: model alias, local directory, .gguf path or hub id (see module docstring).
         dtype: "float32", "bfloat16", "float16" or "auto" (= float32; use autocast for speed).
         gguf_file: GGUF file name inside the directory or hub repo `name`.
-        task: "causal_lm" (AutoModelForCausalLM) or "classification"
-            (AutoModelForSequenceClassification; pass e.g. ``num_labels=3``).
+        task: "causal_lm" (AutoModelForCausalLM), "classification"
+            (AutoModelForSequenceClassification; pass e.g. ``num_labels=3``) or "retrieval" (AutoModel:
+            the backbone without a head, pooled into embeddings by ftray.tasks.retrieval).
         **kwargs: forwarded to ``from_pretrained``.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import ftray.methods  # noqa: F401  methods that define model classes (LoRAMoE) register them with the Auto classes
 
@@ -129,7 +130,7 @@ def load_model(
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     if task not in _TASKS:
         raise ModelLoadError(f"unknown task {task!r}; use one of {list(_TASKS)}")
-    auto_cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    auto_cls = {"causal_lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification, "retrieval": AutoModel}[task]
     path = resolve_model_path(name, gguf_file)
     try:
         model = auto_cls.from_pretrained(path, dtype=_DTYPES[dtype], **kwargs)

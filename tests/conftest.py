@@ -29,7 +29,7 @@ SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 def _bundled_texts() -> list[str]:
     texts = ["system", "user", "assistant", "Classify the topic:", "Options:", "The answer is"]
-    for name in sorted(bundled.BUNDLED):
+    for name in ("arithmetic", "classification", "factual_edits", "factual_qa"):  # fixed: new sets must not change the tokenizer
         with open(bundled.path(name, "train"), encoding="utf-8") as f:
             for line in f:
                 texts += [v for v in json.loads(line).values() if isinstance(v, str)]

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -26,6 +27,7 @@ from ftray.config import RunSpec, build_spec
 from ftray.data import collate
 from ftray.methods import build_methods
 from ftray.models import DEFAULT_MODEL, default_autocast_dtype, load_model, load_tokenizer
+from ftray.tasks import get_task
 from ftray.train import trainer
 from ftray.train.loop import make_plan, micro_batches, train_loop_per_worker
 
@@ -121,7 +123,8 @@ def step_tokens(rows: list[dict], spec: RunSpec, plan, world: int) -> list[int]:
     tagged = [{"input_ids": [i], "labels": [i], "span_ids": [0], "position_ids": [0]} for i in range(len(rows))]
     counts = []
     for step in range(plan.max_steps):
-        picked = [micro_batches(tagged, spec, step, plan, rank, world, -1) for rank in range(world)]
+        collate = partial(get_task(spec).collate, pad_id=-1)
+        picked = [micro_batches(tagged, spec, step, plan, rank, world, collate) for rank in range(world)]
         counts.append(sum(len(rows[i]["input_ids"]) for mbs in picked for b in mbs for i in b["input_ids"].flatten().tolist()))
     return counts
 
@@ -159,7 +162,7 @@ def run_plain(s: Settings) -> Timing:
     optimizer = torch.optim.AdamW(params, lr=s.lr)
     ends, tokens = [], []
     for step in range(s.warmup + s.steps):
-        batch = micro_batches(rows, spec, step, plan, 0, 1, pad_id)[0]
+        batch = micro_batches(rows, spec, step, plan, 0, 1, partial(get_task(spec).collate, pad_id=pad_id))[0]
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
             loss = model(**inputs, use_cache=False).loss

@@ -9,12 +9,19 @@ import torch
 
 from ftray.data import detect_format, load_rows, tokenize_dataset
 from ftray.eval.generate import exact_match, perplexity
-from ftray.eval.loading import load_checkpoint
+from ftray.eval.loading import load_checkpoint, task_of
+from ftray.eval.tasks import evaluate_task
 
 
-def evaluate(model_ref: str, source: str = "bundled:arithmetic", split: str = "test", max_samples: int | None = 200,
+def evaluate(model_ref: str, source: str | None = None, split: str = "test", max_samples: int | None = 200,
              max_new_tokens: int = 96, max_len: int = 512, threads: int | None = None) -> dict[str, Any]:
-    """Exact match (generation) and perplexity of `model_ref` (checkpoint dir, path or alias) on a split."""
+    """Exact match (generation) and perplexity of `model_ref` (checkpoint dir, path or alias) on a split.
+
+    Classification and retrieval checkpoints get their task's metrics instead (`ftray.eval.tasks`).
+    """
+    if task_of(model_ref)[0] != "causal_lm":
+        return evaluate_task(model_ref, source, split, max_samples, threads)
+    source = source or "bundled:arithmetic"
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_checkpoint(model_ref)
@@ -28,6 +35,12 @@ def evaluate(model_ref: str, source: str = "bundled:arithmetic", split: str = "t
 
 
 def evaluate_on_ray(model_ref: str, num_cpus: int = 2, **kwargs: Any) -> dict[str, Any]:
-    """Run `evaluate` as a Ray task (on the cluster when attached to one)."""
+    """Run `evaluate` as a Ray task (on the cluster when attached to one).
+
+    Retrieval runs in the caller instead: its corpus embedding is itself a Ray Data job, whose actors
+    would wait forever for the CPUs this task holds on a small machine.
+    """
+    if task_of(model_ref)[0] == "retrieval":
+        return evaluate(model_ref, **kwargs)
     task = ray.remote(num_cpus=num_cpus)(evaluate)
     return ray.get(task.remote(model_ref, threads=num_cpus, **kwargs))

@@ -21,6 +21,14 @@ def base_model_of(ckpt: Path) -> tuple[str, str | None]:
     return adapter["base_model_name_or_path"], None
 
 
+def task_of(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """The task type of a checkpoint and the `from_pretrained` kwargs it needs (e.g. num_labels)."""
+    spec_file = Path(path) / "ftray_spec.yaml"
+    task = (yaml.safe_load(spec_file.read_text()).get("task") or {}) if spec_file.exists() else {}
+    kind = task.get("type", "causal_lm")
+    return kind, ({"num_labels": task["num_labels"]} if kind == "classification" and task.get("num_labels") else {})
+
+
 def load_checkpoint_tokenizer(path: str | Path) -> Any:
     """The tokenizer `load_checkpoint` would return, without loading any weights."""
     p = Path(path)
@@ -30,10 +38,11 @@ def load_checkpoint_tokenizer(path: str | Path) -> Any:
 def load_checkpoint(path: str | Path, merge: bool = True) -> tuple[Any, Any]:
     """(model, tokenizer) from a checkpoint dir (PEFT adapter or full), or from a model name/alias."""
     p = Path(path)
+    task, kwargs = task_of(p)
     if (p / "adapter_config.json").exists():
         from peft import PeftModel
 
         name, gguf = base_model_of(p)
-        model = PeftModel.from_pretrained(load_model(name, gguf_file=gguf), p)
+        model = PeftModel.from_pretrained(load_model(name, gguf_file=gguf, task=task, **kwargs), p)
         return (model.merge_and_unload() if merge else model), load_checkpoint_tokenizer(p)
-    return load_model(str(path)), load_checkpoint_tokenizer(path)
+    return load_model(str(path), task=task, **kwargs), load_checkpoint_tokenizer(path)

@@ -8,6 +8,9 @@ from ftray.methods.base import Context, Method, MethodConfig, Phase, stable_seed
 from ftray.methods.registry import REGISTRY, build_methods, register, validate_method_entries
 
 # The one list of method modules; importing registers them.
-from ftray.methods import cofitune, corda, full, hft, locft_bf, lofit, lora, loramoe, lt_sft, masked_thought, owlore, roste  # noqa: E402,F401  isort: skip
+from ftray.methods import (  # noqa: E402,F401  isort: skip
+    cofitune, corda, full, hft, lfu, locft_bf, lofit, lora, loramoe,
+    lt_sft, masked_thought, noise_robust, noisefit, owlore, roste, ul2,
+)
 
 __all__ = ["REGISTRY", "Context", "Method", "MethodConfig", "Phase", "build_methods", "stable_seed", "register", "validate_method_entries"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -24,6 +24,7 @@ HOOKS = (
     "prepare_model",
     "param_groups",
     "optimizer",
+    "criterion",
     "loss",
     "on_step",
     "after_backward",
@@ -65,6 +66,9 @@ class Context:
     max_steps: int = 1
     phase: str = "train"
     generator: torch.Generator = field(default_factory=torch.Generator)  # per-rank, seeded, resumable
+    # Another micro-batch drawn at random from this rank's training rows with `generator` (on the
+    # device, not yet corrupted): for methods that need a second batch in a step (e.g. LfU's x′).
+    draw_batch: Callable[[], dict[str, torch.Tensor]] | None = None
 
 
 class Method:
@@ -75,6 +79,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     incompatible: ClassVar[tuple[str, ...]] = ()  # registry names this method cannot run with
     baseline: ClassVar[str] = "full"  # what `ftray bench methods` compares it with: "full" (plain SFT) or "lora"
+    tasks: ClassVar[tuple[str, ...]] = ("causal_lm",)  # the task types (spec.task.type) it supports
     bench: ClassVar[dict[str, Any]] = {}  # run-spec overrides for its `ftray bench methods` run (e.g. {"train": {"lr": 1e-3}})
 
     def __init__(self, config: MethodConfig) -> None:
@@ -88,7 +93,8 @@ class Method:
         return ds
 
     def corrupt_batch(self, batch: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
-        """Change a micro-batch's inputs (never its labels) before the forward pass."""
+        """Change a micro-batch before the forward pass (inputs; labels only when the objective is a
+        denoising target, e.g. UL2's spans)."""
         return batch
 
     def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
@@ -101,6 +107,11 @@ class Method:
 
     def optimizer(self, params: list, ctx: Context) -> torch.optim.Optimizer | None:
         """An optimizer over `params` (tensors or groups), or None for the run's AdamW (e.g. GaLore)."""
+        return None
+
+    def criterion(self, logits: torch.Tensor, targets: torch.Tensor, ctx: Context) -> torch.Tensor | None:
+        """Replace cross-entropy: the summed loss of `logits` [N, C] against `targets` [N] (-100 =
+        ignore), or None to keep CE. At most one method per run may define it (e.g. GCE, SCE)."""
         return None
 
     def loss(self, model: torch.nn.Module, batch: dict, out: Any, ctx: Context) -> tuple[torch.Tensor | None, dict[str, float]]:

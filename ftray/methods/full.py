@@ -11,5 +11,6 @@ class Full(Method):
     """Train all weights with the plain loss; no hook is needed."""
 
     name = "full"
+    tasks = ("causal_lm", "classification", "retrieval")
     paper = "Standard supervised fine-tuning (all parameters)"
     incompatible = ("lora",)

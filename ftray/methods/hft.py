@@ -61,6 +61,7 @@ class HFT(Method):
     """Freeze a fresh random half of each parameter category, per stage (or per epoch)."""
 
     name = "hft"
+    tasks = ("causal_lm", "classification", "retrieval")
     paper = "Hui et al. 2024, HFT: Half Fine-Tuning for Large Language Models (2404.18466)"
     Config = HFTConfig
     incompatible = ("lora",)

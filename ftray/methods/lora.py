@@ -40,6 +40,7 @@ class Lora(Method):
     """Wrap the model in a PEFT LoRA adapter; only the adapter weights train."""
 
     name = "lora"
+    tasks = ("causal_lm", "classification", "retrieval")
     bench = {"train": {"lr": 1e-3}}  # adapters take a ~10-20x larger learning rate than full fine-tuning
     paper = "Hu et al. 2021, LoRA (2106.09685); DoRA 2402.09353; PiSSA 2404.02948; OLoRA 2406.01775"
     Config = LoraMethodConfig
@@ -62,12 +63,15 @@ class Lora(Method):
             modules_to_save=c.modules_to_save,
             use_dora=c.variant == "dora",
             init_lora_weights=init,
-            task_type="CAUSAL_LM",
+            task_type=PEFT_TASK[ctx.spec.task.type],  # SEQ_CLS also trains and saves the new `score` head
         )
         model = get_peft_model(model, peft_config)
         if c.variant in ("pissa", "olora"):
             keep_initial_adapter(model)
         return model
+
+
+PEFT_TASK = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS", "retrieval": "FEATURE_EXTRACTION"}
 
 
 def keep_initial_adapter(model: torch.nn.Module) -> None:

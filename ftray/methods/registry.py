@@ -50,6 +50,8 @@ def validate_method_entries(entries: list[Any]) -> list[dict[str, Any]]:
                 errors.append(f"methods.{i}: {name!r} cannot be combined with {other!r}")
     if not errors and sum(m.phases() is not None for m in build_methods(out)) > 1:
         errors.append("methods: at most one method may define training phases")
+    if not errors and sum("criterion" in REGISTRY[n].hooks() for n in names) > 1:
+        errors.append("methods: at most one method may replace the loss (define `criterion`)")
     if errors:
         raise ValueError("\n".join(errors))
     return out

@@ -23,10 +23,9 @@ import torch
 import torch.distributed as dist
 
 from ftray.config import RunSpec
-from ftray.data import collate, collate_packed
 from ftray.methods import Context, Method, Phase, build_methods, stable_seed
-from ftray.models import default_autocast_dtype, load_model, load_tokenizer
-from ftray.train.loss import forward_and_loss
+from ftray.models import default_autocast_dtype, load_tokenizer
+from ftray.tasks import get_task
 from ftray.train.checkpoint import gather_state, read_train_state, restore_state, write_checkpoint
 from ftray.train.optim import build_optimizer, build_scheduler
 from ftray.train.parallel import grad_sync, unwrap, wrap_model
@@ -58,15 +57,21 @@ def make_plan(spec: RunSpec, n_rows: int, world_size: int, methods: list[Method]
     return Plan(steps_per_epoch, max_steps, phases, ends)
 
 
-def micro_batches(rows: list[dict], spec: RunSpec, step: int, plan: Plan, rank: int, world: int, pad_id: int) -> list[dict]:
+def micro_batches(rows: list[dict], spec: RunSpec, step: int, plan: Plan, rank: int, world: int, collate) -> list[dict]:
     """The micro-batches of optimizer step `step` for this rank: a seeded per-epoch shuffle, sharded by rank."""
     epoch, within = divmod(step, plan.steps_per_epoch)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(spec.train.seed + epoch)).tolist()
     mine = order[rank::world]
     bs, accum = spec.train.batch_size, spec.train.grad_accum
     start = within * bs * accum
-    fn = collate_packed if spec.data.packing else collate
-    return [fn([rows[i] for i in mine[start + k * bs : start + (k + 1) * bs]], pad_id) for k in range(accum)]
+    return [collate([rows[i] for i in mine[start + k * bs : start + (k + 1) * bs]]) for k in range(accum)]
+
+
+def draw_batch(rows: list[dict], ctx: Context, world: int, collate) -> dict[str, torch.Tensor]:
+    """A micro-batch drawn with the step's seeded generator from this rank's rows (a method's second batch)."""
+    mine = rows[ctx.rank :: world]
+    pick = torch.randint(len(mine), (ctx.spec.train.batch_size,), generator=ctx.generator).tolist()
+    return {k: v.to(ctx.device) for k, v in collate([mine[i] for i in pick]).items()}
 
 
 def seed_step(ctx: Context, seed: int) -> None:
@@ -89,6 +94,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     methods = build_methods(spec.methods)
     plan = make_plan(spec, len(train_rows), world, methods)
     ctx = Context(spec=spec, tokenizer=tokenizer, rank=rank, world_size=world, device=device, max_steps=plan.max_steps)
+    task = get_task(spec)
+    collate = lambda rows: task.collate(rows, tokenizer.pad_token_id)  # noqa: E731
+    ctx.draw_batch = lambda: draw_batch(train_rows, ctx, world, collate)
     log = RunLog(Path(config["run_dir"]), spec, rank, world, plan.max_steps)
 
     resume = ray.train.get_checkpoint()
@@ -100,7 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.event("resumed", ctx.step, f"resumed from checkpoint at step {ctx.step}")
 
     torch.manual_seed(spec.train.seed)  # identical initial weights (and adapter inits) on every rank
-    model = load_model(spec.model.name, dtype=spec.model.dtype, gguf_file=spec.model.gguf_file)
+    model = task.load_model()
     for k, phase in enumerate(plan.phases):
         ctx.phase = phase.name
         model = unwrap(model)
@@ -129,16 +137,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seed_step(ctx, spec.train.seed)
             for m in methods:
                 m.on_step(unwrap(model), optimizer, ctx)
-            batches = micro_batches(train_rows, spec, ctx.step, plan, rank, world, tokenizer.pad_token_id)
-            metrics = train_step(model, batches, methods, optimizer, scheduler, ctx, amp)
+            batches = micro_batches(train_rows, spec, ctx.step, plan, rank, world, collate)
+            metrics = train_step(model, batches, methods, optimizer, scheduler, ctx, amp, task)
             ctx.step += 1
             metrics["epoch"] = ctx.epoch
             metrics["step"] = ctx.step  # the time axis of sweeps (ASHA's time_attr) and plots
             if spec.train.eval_every and ctx.step % spec.train.eval_every == 0 and ctx.step < plan.max_steps:
-                metrics["eval_loss"] = eval_loss(model, eval_rows, spec, tokenizer.pad_token_id, rank, world, amp, device)
+                metrics["eval_loss"] = eval_loss(model, eval_rows, spec, task, collate, rank, world, amp, device)
             last = ctx.step == plan.max_steps
             if last and eval_rows:
-                metrics["eval_loss"] = eval_loss(model, eval_rows, spec, tokenizer.pad_token_id, rank, world, amp, device)
+                metrics["eval_loss"] = eval_loss(model, eval_rows, spec, task, collate, rank, world, amp, device)
             log.step(ctx.step, metrics)
             every = spec.train.checkpoint_every
             if last or (every and ctx.step % every == 0):
@@ -148,16 +156,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log.close()
 
 
-def train_step(model, batches, methods, optimizer, scheduler, ctx: Context, amp) -> dict[str, float]:
+def train_step(model, batches, methods, optimizer, scheduler, ctx: Context, amp, task=None) -> dict[str, float]:
     """One optimizer step over `batches` (gradient accumulation); returns the step's metrics."""
+    task = task or get_task(ctx.spec)
     extra_metrics: dict[str, float] = {}
     total_loss, n_tokens = 0.0, 0
+    replacing = next((m for m in methods if "criterion" in type(m).hooks()), None)
+    criterion = (lambda logits, targets: replacing.criterion(logits, targets, ctx)) if replacing else None
     for i, batch in enumerate(batches):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         for m in methods:
             batch = m.corrupt_batch(batch, ctx)
         with grad_sync(model, sync=i == len(batches) - 1):
-            out, loss_sum, count = forward_and_loss(model, batch, amp)
+            out, loss_sum, count = task.forward_and_loss(model, batch, amp, criterion)
             loss = loss_sum / count.clamp(min=1)
             for m in methods:
                 extra, m_metrics = m.loss(model, batch, out, ctx)
@@ -185,16 +196,15 @@ def train_step(model, batches, methods, optimizer, scheduler, ctx: Context, amp)
 
 
 @torch.no_grad()
-def eval_loss(model, rows: list[dict], spec: RunSpec, pad_id: int, rank: int, world: int, amp, device) -> float:
-    """Token-mean loss over this rank's share of `rows`, averaged over all ranks."""
+def eval_loss(model, rows: list[dict], spec: RunSpec, task, collate, rank: int, world: int, amp, device) -> float:
+    """Mean loss (per label token, or per example) over this rank's share of `rows`, averaged over all ranks."""
     model.eval()
     # Equal shards: under FSDP every forward is a collective, so ranks must run the same batch count.
     mine = rows[: len(rows) - len(rows) % world][rank::world]
-    fn = collate_packed if spec.data.packing else collate
     totals = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), spec.train.batch_size):
-        batch = {k: v.to(device) for k, v in fn(mine[i : i + spec.train.batch_size], pad_id).items()}
-        _, loss_sum, count = forward_and_loss(unwrap(model), batch, amp)  # DDP's forward would sync buffers
+        batch = {k: v.to(device) for k, v in collate(mine[i : i + spec.train.batch_size]).items()}
+        _, loss_sum, count = task.forward_and_loss(unwrap(model), batch, amp)  # DDP's forward would sync buffers
         totals += torch.tensor([loss_sum.item(), count.item()], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +10,15 @@ import torch.nn.functional as F
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def forward_and_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """Forward under autocast; returns (output, summed next-token CE over label tokens, label-token count).
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]  # (logits [N, C], targets [N]) -> summed loss
+
+
+def forward_and_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: torch.dtype | None, criterion: Criterion | None = None
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Forward under autocast; returns (output, summed next-token loss over label tokens, label-token count).
+
+    The loss is cross-entropy unless `criterion` (a method's `criterion` hook) returns another sum.
 
     Logits are computed only at positions that predict a label in some row (`batch["logit_positions"]`,
     set here): prompts are about half of a chat example, and the lm_head plus a float32 copy of its
@@ -27,5 +34,7 @@ def forward_and_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp
         out = model(**inputs, use_cache=False, logits_to_keep=keep)
     targets = labels[:, keep + 1].reshape(-1)
     logits = out.logits.reshape(-1, out.logits.size(-1)).float()
-    loss_sum = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    loss_sum = criterion(logits, targets) if criterion else None
+    if loss_sum is None:
+        loss_sum = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
     return out, loss_sum, (targets != -100).sum()

@@ -19,10 +19,11 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ftray.config import RunSpec
-from ftray.data import detect_format, load_rows, pack, tokenize_dataset
+from ftray.data import load_rows
 from ftray.eval import evaluate_on_ray
 from ftray.methods import Context, build_methods
 from ftray.models import load_tokenizer
+from ftray.tasks import get_task
 from ftray.train.checkpoint import TRAIN_STATE
 from ftray.train.loop import train_loop_per_worker
 
@@ -49,23 +50,29 @@ def run_name(spec: RunSpec, recipe: str | None = None) -> str:
 
 
 def tokenized_rows(spec: RunSpec, source: str, split: str, max_samples: int | None, tokenizer: Any, methods: list | None) -> list[dict]:
-    """Load, let methods rewrite (training data only), tokenize and optionally pack rows."""
+    """Load, let methods rewrite (training data only) and tokenize rows as the run's task wants them."""
     ds = load_rows(source, split, max_samples)
-    fmt = detect_format(ds) if spec.data.format == "auto" else spec.data.format
     if methods:
         ctx = Context(spec=spec, tokenizer=tokenizer)
         for m in methods:
             ds = m.prepare_data(ds, ctx)
-    ds = tokenize_dataset(ds, tokenizer, fmt, spec.data.max_len, source_name=f"{source}[{split}]")
-    rows = ds.to_list()
-    return pack(rows, spec.data.max_len) if spec.data.packing else rows
+    return get_task(spec).tokenize(ds, tokenizer, f"{source}[{split}]")
 
 
 def prepare_rows(spec: RunSpec, methods: list) -> tuple[list[dict], list[dict]]:
-    """Tokenized training and evaluation rows; bad rows fail here, before any Ray work."""
+    """Tokenized training and evaluation rows; bad rows fail here, before any Ray work.
+
+    A classification run without `task.num_labels` gets 1 + the largest label of either split, set
+    on `spec` (so the workers and the saved spec agree).
+    """
     tokenizer = load_tokenizer(spec.model.name, spec.model.gguf_file)
-    train = tokenized_rows(spec, spec.data.source, spec.data.split, spec.data.max_samples, tokenizer, methods)
     eval_source = spec.data.eval_source or spec.data.source
+    if spec.task.type == "classification" and spec.task.num_labels is None:
+        splits = [load_rows(spec.data.source, spec.data.split, spec.data.max_samples),
+                  load_rows(eval_source, spec.data.eval_split, spec.data.eval_max_samples)]
+        labels = [y for ds in splits if "label" in ds.column_names for y in ds["label"] if isinstance(y, int)]
+        spec.task.num_labels = max(2, 1 + max(labels, default=1))  # bad or missing labels are reported by tokenize
+    train = tokenized_rows(spec, spec.data.source, spec.data.split, spec.data.max_samples, tokenizer, methods)
     eval_rows = tokenized_rows(spec, eval_source, spec.data.eval_split, spec.data.eval_max_samples, tokenizer, None)
     return train, eval_rows
 
@@ -120,14 +127,16 @@ def run(spec: RunSpec, recipe: str | None = None, evaluate: bool = False) -> Tra
     """Train `spec` on Ray Train and write `<run_dir>/final` with `finalize` hooks applied.
 
     With `evaluate`, exact match and perplexity of the base model and of the result are measured
-    on the eval split (as Ray tasks) and stored in the result's metrics.
+    on the eval split (as Ray tasks) and stored in the result's metrics; for classification and
+    retrieval, the result's task metrics (`<metric>_after`).
     """
     methods = build_methods(spec.methods)
     train, eval_rows = prepare_rows(spec, methods)
     ensure_ray()
     name = run_name(spec, recipe)
     eval_args = {"source": spec.data.eval_source or spec.data.source, "split": spec.data.eval_split, "max_samples": spec.data.eval_max_samples}
-    before = evaluate_on_ray(spec.model.name, **eval_args) if evaluate else None
+    causal = spec.task.type == "causal_lm"  # a classification head or pooler is untrained before: no "before"
+    before = evaluate_on_ray(spec.model.name, **eval_args) if evaluate and causal else None
     result = build_trainer(spec, name, train, eval_rows).fit()
     storage = storage_path(spec)
     run_dir = Path(storage) / name if "://" not in storage else f"{storage.rstrip('/')}/{name}"  # keep the URI's //
@@ -139,6 +148,9 @@ def run(spec: RunSpec, recipe: str | None = None, evaluate: bool = False) -> Tra
     if before and final:
         after = evaluate_on_ray(str(final), **eval_args)
         metrics |= {f"{k}_{when}": r[k] for when, r in (("before", before), ("after", after)) for k in ("exact_match", "perplexity")}
+    elif evaluate and final:
+        after = evaluate_on_ray(str(final), **eval_args)
+        metrics |= {f"{k}_after": v for k, v in after.items() if isinstance(v, float)}
     return TrainResult(run_dir, final, ckpt, metrics)
 
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from ftray.config import build_spec, load_spec
+from ftray.data import load_rows
 from ftray.eval.loading import load_checkpoint
 from ftray.methods import REGISTRY, Context, build_methods
 from ftray.models import load_model
+from ftray.tasks import get_task
 from ftray.train.checkpoint import export_hf
 from ftray.train.loop import train_step
 from ftray.train.optim import build_optimizer, build_scheduler
@@ -78,3 +80,43 @@ def test_two_steps_finite_loss_only_declared_params_change_and_finalize_round_tr
     ids = torch.arange(3, 19).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def _task_batch(task, tokenizer, seed: int) -> dict:
+    """A real collated micro-batch of the task from bundled text (classification) or synthetic triples (retrieval)."""
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    if task.name == "classification":
+        ds = load_rows("bundled:classification_lt", "train", 8)
+    else:
+        n = task.spec.task.negatives
+        ds = datasets.Dataset.from_list([{"query": f"what is {i}?", "positive": f"{i} is a number", "negatives": [f"{i + j + 1} apples" for j in range(n)],
+                                          "teacher_scores": torch.randn(n + 1, generator=g).tolist()} for i in range(4)])
+    return task.collate(task.tokenize(ds, tokenizer, "test")[:4], tokenizer.pad_token_id)
+
+
+TASK_CASES = [(n, t) for n in NAMES for t in REGISTRY[n].tasks if t != "causal_lm"]
+
+
+@pytest.mark.parametrize("name,task_type", TASK_CASES)
+def test_two_steps_on_classification_and_retrieval_give_finite_loss(name, task_type, tiny_model_dir, tiny_tokenizer):
+    spec = build_spec({"model": {"name": str(tiny_model_dir)}, "task": {"type": task_type, "num_labels": 4, "negatives": 3},
+                       "methods": [name], "train": {"lr": 1e-2, "warmup_ratio": 0}})
+    task = get_task(spec)
+    methods = build_methods(spec.methods)
+    ctx = Context(spec=spec, tokenizer=tiny_tokenizer, max_steps=2)
+    ctx.draw_batch = lambda: _task_batch(task, tiny_tokenizer, 99)
+    model = task.load_model()
+    for m in methods:
+        model = m.prepare_model(model, ctx)
+    groups = next((g for m in methods if (g := m.param_groups(model, ctx))), None)
+    params = groups or [p for p in model.parameters() if p.requires_grad]
+    opt = next((o for m in methods if (o := m.optimizer(params, ctx))), None) or build_optimizer(params, spec.train)
+    sched = build_scheduler(opt, spec.train, 2)
+    for step in range(2):
+        ctx.step = step
+        for m in methods:
+            m.on_step(model, opt, ctx)
+        metrics = train_step(model, [_task_batch(task, tiny_tokenizer, step)], methods, opt, sched, ctx, amp=None, task=task)
+        assert math.isfinite(metrics["loss"])

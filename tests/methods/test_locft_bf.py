@@ -8,6 +8,7 @@ import torch
 from ftray.config import build_spec
 from ftray.methods import Context, build_methods
 from ftray.methods.locft_bf import per_sample_loss
+from ftray.data import collate
 from ftray.train.loop import make_plan, micro_batches
 from tests.methods.helpers import run_steps, tiny_llama
 
@@ -65,7 +66,7 @@ def test_breadth_first_epochs_see_every_edit_once_and_updates_are_batches_minus_
     assert (plan.steps_per_epoch, plan.max_steps) == (5, 15)
     orders = []
     for epoch in range(3):
-        seen = [int(t) - 1 for s in range(5) for b in micro_batches(rows, spec, epoch * 5 + s, plan, 0, 1, 0)
+        seen = [int(t) - 1 for s in range(5) for b in micro_batches(rows, spec, epoch * 5 + s, plan, 0, 1, lambda b: collate(b, 0))
                 for t in b["input_ids"][:, 0]]
         assert sorted(seen) == list(range(40))
         orders.append(seen)

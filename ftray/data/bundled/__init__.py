@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED = {"arithmetic", "factual_qa", "classification", "factual_edits"}
+BUNDLED = {"arithmetic", "factual_qa", "classification", "factual_edits", "classification_lt",
+           "classification_sym20", "classification_sym40", "classification_asym20", "classification_asym40"}
 SPLITS = ("train", "test")
 DIR = Path(__file__).parent
 

@@ -87,3 +87,37 @@ def generate(seed: int = 0, n_train: int = 1000, n_test: int = 200) -> tuple[lis
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
+
+
+def long_tailed(rows: list[dict], imbalance: float = 100.0, seed: int = 0) -> list[dict]:
+    """Subsample `rows` to an exponential class profile: class k keeps n_max·imbalance^(-k/(C-1)) rows.
+
+    n_max is the smallest class's size in `rows`, so class 0 is the head and class C-1 the tail
+    (n_max / imbalance rows, at least 1). Row order is kept.
+    """
+    counts = [sum(r["label"] == k for r in rows) for k in range(len(LABELS))]
+    n_max, c = min(counts), len(LABELS)
+    keep = [max(1, round(n_max * imbalance ** (-k / (c - 1)))) for k in range(c)]
+    taken = [0] * c
+    out = []
+    for r in random.Random(seed).sample(rows, len(rows)):
+        if taken[r["label"]] < keep[r["label"]]:
+            taken[r["label"]] += 1
+            out.append(r)
+    return sorted(out, key=rows.index)
+
+
+def noisy(rows: list[dict], rate: float, kind: str, seed: int = 0) -> list[dict]:
+    """Flip `rate` of the labels (exactly round(rate·n) rows): 'symmetric' to a uniformly drawn other
+    class, 'asymmetric' to the next class (k → k+1 mod C, a fixed confusion pair as in CIFAR-10's
+    asymmetric noise). Each row keeps its true label as `clean_label`."""
+    rng = random.Random(seed)
+    flip = set(rng.sample(range(len(rows)), round(rate * len(rows))))
+    out = []
+    for i, r in enumerate(rows):
+        label = r["label"]
+        if i in flip:
+            others = [k for k in range(len(LABELS)) if k != label]
+            label = rng.choice(others) if kind == "symmetric" else (label + 1) % len(LABELS)
+        out.append({**r, "label": label, "label_name": LABELS[label], "clean_label": r["label"]})
+    return out

@@ -34,12 +34,32 @@ def classification() -> tuple[list[dict], list[dict]]:
     return _classification.generate(SEED, n_train=1000, n_test=200)
 
 
+def classification_lt() -> tuple[list[dict], list[dict]]:
+    """The classification train set long-tailed (imbalance 100, exponential profile); balanced test."""
+    train, test = classification()
+    return _classification.long_tailed(train, 100.0, SEED), test
+
+
+def _noisy(rate: float, kind: str):
+    def make() -> tuple[list[dict], list[dict]]:
+        train, test = classification()
+        return _classification.noisy(train, rate, kind, SEED), test
+
+    make.__doc__ = f"The classification train set with {rate:.0%} {kind} label noise (clean_label kept); clean test."
+    return make
+
+
 def factual_edits() -> tuple[list[dict], list[dict]]:
     """Counterfactual edits of the factual-QA facts: requests / two rephrasings of each (100 / 200)."""
     return _factual_edits.generate(SEED, n_edits=100)
 
 
-DATASETS = {"arithmetic": arithmetic, "factual_qa": factual_qa, "classification": classification, "factual_edits": factual_edits}
+DATASETS = {
+    "arithmetic": arithmetic, "factual_qa": factual_qa, "classification": classification, "factual_edits": factual_edits,
+    "classification_lt": classification_lt,
+    **{f"classification_{short}{round(r * 100)}": _noisy(r, kind)
+       for kind, short in (("symmetric", "sym"), ("asymmetric", "asym")) for r in (0.2, 0.4)},
+}
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
