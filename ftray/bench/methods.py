@@ -1,15 +1,21 @@
-"""`ftray bench methods`: every method against plain SFT on the same data, steps and seed.
+"""`ftray bench methods`: every method against its baseline on the same data, task, steps and seed.
 
-Each method trains through the real Ray Train path (`ftray.train.trainer.run`) on the bundled
-arithmetic task; the result is scored on the arithmetic test split (target: exact match, perplexity)
-and on the bundled factual QA (forgetting probe: the method never trained on it, so a drop against
-the untuned model is knowledge lost). Writes `methods.json`, `methods.md` and `methods.png`.
+Each method trains through the real Ray Train path (`ftray.train.trainer.run`). By default on the
+bundled arithmetic task, scored on the arithmetic test split (target: exact match, perplexity) and
+on the bundled factual QA (forgetting probe: the method never trained on it, so a drop against the
+untuned model is knowledge lost). A method's `bench` overrides may move it to another task or data
+(e.g. classification on the long-tailed set); its baseline is then the same run spec with the
+method taken out (plain CE / plain InfoNCE / plain LoRA), so the pair differs only in the method.
+Classification rows are scored with the task's metrics on the clean test split, retrieval rows with
+ranking metrics over the bundled corpus. Every row also records the cost of a step: seconds per
+step and forward passes per micro-batch. Writes `methods.json`, `methods.md` and `methods.png`.
 
     ftray bench methods --methods full,lora,hft,masked_thought --steps 40
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -45,10 +51,24 @@ def bench_spec(name: str, model: str, steps: int, out: Path, eval_n: int, worker
     return deep_merge(shared, REGISTRY[name].bench)
 
 
-def run_one(name: str, model: str, steps: int, out: Path, eval_n: int, workers: int) -> dict[str, Any]:
-    """Train one method and score it; returns its row of the table (cached in `out/rows/<name>.json`)."""
-    raw = bench_spec(name, model, steps, out, eval_n, workers)
-    cache = out / "rows" / f"{name}.json"
+def baseline_spec(name: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with method `name` taken out (its baseline method put in if nothing is left), named by content."""
+    methods = [m for m in raw["methods"] if (m if isinstance(m, str) else m["name"]) != name] or [{"name": REGISTRY[name].baseline}]
+    base = {**raw, "methods": methods}
+    label = methods[0] if isinstance(methods[0], str) else methods[0]["name"]
+    digest = hashlib.blake2b(json.dumps({k: v for k, v in base.items() if k != "output"}, sort_keys=True).encode(), digest_size=3).hexdigest()
+    return deep_merge(base, {"output": {"name": f"{label}@{digest}"}})
+
+
+def without_output(raw: dict[str, Any]) -> dict[str, Any]:
+    """A bench spec without its output section (the run's name and place), for comparing what is trained."""
+    return json.loads(json.dumps({k: v for k, v in raw.items() if k != "output"}, sort_keys=True))
+
+
+def run_one(name: str, model: str, steps: int, out: Path, eval_n: int, workers: int, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one method and score it; returns its row of the table (cached in `out/rows/<run name>.json`)."""
+    raw = raw or bench_spec(name, model, steps, out, eval_n, workers)
+    cache = out / "rows" / f"{raw['output']['name']}.json"
     if cache.exists() and (row := json.loads(cache.read_text())).get("spec") == raw:
         return row  # same method, budget, data and seed: reuse the measured row
     spec = build_spec(raw)
@@ -58,18 +78,33 @@ def run_one(name: str, model: str, steps: int, out: Path, eval_n: int, workers: 
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     trainable = next(r for r in rows if r.get("event") == "phase")
     peak = max(r.get("peak_rss_mb", 0) for r in rows)
+    steps_logged = [r for r in rows if "loss" in r and "time" in r]
+    gaps = sorted(b["time"] - a["time"] for a, b in zip(steps_logged, steps_logged[1:]))
     row = {
-        "method": name, "baseline": REGISTRY[name].baseline if name != BASELINE else "–", "train_wall_s": round(wall, 1),
+        "method": name, "run": raw["output"]["name"], "task": spec.task.type, "data": spec.data.source,
+        "baseline": REGISTRY[name].baseline if name != BASELINE else "–", "train_wall_s": round(wall, 1),
         "trainable": trainable["trainable"], "total": trainable["total"], "peak_rss_mb_rank0": round(peak),
-        **score(str(result.final_dir), eval_n), "spec": raw,
+        "s_per_step": round(gaps[len(gaps) // 2], 3) if gaps else None,
+        "forwards_per_batch": max((r.get("forwards_per_batch", 0) for r in steps_logged), default=None),
+        **score(str(result.final_dir), eval_n, spec.task.type), "spec": raw,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row, indent=2))
     return row
 
 
-def score(model_ref: str, eval_n: int) -> dict[str, float]:
-    """Target exact match/perplexity on arithmetic, forgetting probe on factual QA."""
+TASK_METRICS = {
+    "classification": ("accuracy", "macro_f1", "worst_class_accuracy", "tail_accuracy", "ece"),
+    "retrieval": ("ndcg@10", "mrr@10", "recall@1", "recall@10"),
+}
+
+
+def score(model_ref: str, eval_n: int, task: str = "causal_lm") -> dict[str, float]:
+    """Causal LM: target exact match/perplexity on arithmetic, forgetting probe on factual QA.
+    Classification / retrieval: the task's metrics on the run's own (clean) test split."""
+    if task != "causal_lm":
+        result = evaluate_on_ray(model_ref, max_samples=eval_n * 4)  # cheap forward-only metrics: more rows
+        return {k: round(result[k], 4) if isinstance(result[k], float) else result[k] for k in TASK_METRICS[task]}
     target = evaluate_on_ray(model_ref, source="bundled:arithmetic", split="test", max_samples=eval_n)
     probe = evaluate_on_ray(model_ref, source="bundled:factual_qa", split="test", max_samples=eval_n, max_new_tokens=24)
     return {"arith_em": target["exact_match"], "arith_ppl": round(target["perplexity"], 4),
@@ -78,7 +113,7 @@ def score(model_ref: str, eval_n: int) -> dict[str, float]:
 
 def markdown(report: dict[str, Any]) -> str:
     """The table: each method with its deltas against its baseline (plain SFT or plain LoRA)."""
-    by_name = {r["method"]: r for r in report["rows"]}
+    by_name = {r.get("run", r["method"]): r for r in report["rows"]}
     lines = [
         f"# ftray bench methods — {report['model']}, {report['steps']} steps × {report['examples_per_step']} examples, seed 0",
         "",
@@ -88,15 +123,44 @@ def markdown(report: dict[str, Any]) -> str:
         "| method | baseline | arith EM | Δ vs baseline | arith ppl | factual-QA EM (forgetting probe) | Δ vs baseline | QA ppl | trainable | peak RSS MB (rank 0) | train wall s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in report["rows"]:
-        base = by_name.get(REGISTRY[r["method"]].baseline) if r["method"] != BASELINE else None
+    for r in (r for r in report["rows"] if r.get("task", "causal_lm") == "causal_lm"):
+        base = by_name.get(r.get("baseline_run") or REGISTRY[r["method"]].baseline) if r["method"] != BASELINE else None
         d_em = f"{r['arith_em'] - base['arith_em']:+.2f}" if base else "–"
         d_qa = f"{r['qa_em'] - base['qa_em']:+.2f}" if base else "–"
         lines.append(
             f"| {r['method']} | {r['baseline'] if base else '–'} | {r['arith_em']:.2f} | {d_em} | {r['arith_ppl']:.3f} | {r['qa_em']:.2f} | {d_qa} | {r['qa_ppl']:.3f} "
             f"| {r['trainable']:,} ({r['trainable'] / r['total']:.1%}) | {r['peak_rss_mb_rank0']} | {r['train_wall_s']} |"
         )
+    lines += cost_lines(report, by_name)
+    for task, keys in TASK_METRICS.items():
+        rows = [r for r in report["rows"] if r.get("task") == task]
+        if not rows:
+            continue
+        lines += ["", f"## {task}: each method against the same run without it (Δ in brackets)", "",
+                  f"| method | data | baseline run | {' | '.join(keys)} | s/step (× baseline) | forwards / micro-batch |",
+                  "| --- | --- | --- | " + "---: | " * (len(keys) + 2)]
+        for r in rows:
+            base = by_name.get(r.get("baseline_run") or "")
+            cells = [f"{r[k]:.3f}" + (f" ({r[k] - base[k]:+.3f})" if base and r[k] is not None and base[k] is not None else "")
+                     if r[k] is not None else "–" for k in keys]
+            ratio = f" ({r['s_per_step'] / base['s_per_step']:.2f}×)" if base and r.get("s_per_step") and base.get("s_per_step") else ""
+            lines.append(f"| {r['method']} | {r['data']} | {r.get('baseline_run') or '–'} | {' | '.join(cells)} "
+                         f"| {r.get('s_per_step')}{ratio} | {r.get('forwards_per_batch')} |")
     return "\n".join(lines) + "\n"
+
+
+def cost_lines(report: dict[str, Any], by_name: dict[str, Any]) -> list[str]:
+    """Seconds per step and forward passes per micro-batch of the causal-LM rows that recorded them."""
+    rows = [r for r in report["rows"] if r.get("task", "causal_lm") == "causal_lm" and r.get("s_per_step")]
+    if not rows:
+        return []
+    lines = ["", "Cost of a step (causal LM rows that recorded it):", "", "| method | baseline run | s/step | × baseline | forwards / micro-batch |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        base = by_name.get(r.get("baseline_run") or "")
+        ratio = f"{r['s_per_step'] / base['s_per_step']:.2f}×" if base and base.get("s_per_step") else "–"
+        lines.append(f"| {r['method']} | {r.get('baseline_run') or '–'} | {r['s_per_step']} | {ratio} | {r.get('forwards_per_batch')} |")
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -106,7 +170,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["method"] for r in report["rows"]]
+    rows = [r for r in report["rows"] if r.get("task", "causal_lm") == "causal_lm"]
+    report = {**report, "rows": rows}
+    names = [r["method"] for r in rows]
     xs = range(len(names))
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5))
     ax.bar([x - 0.2 for x in xs], [r["arith_em"] for r in report["rows"]], 0.4, label="arithmetic EM (target)")
@@ -138,7 +204,15 @@ def main(methods: list[str], steps: int = 40, out_dir: str = "bench_results", mo
     report = {"model": model, "steps": steps, "examples_per_step": 4 * workers, "eval_n": eval_n,
               "untuned": untuned, "rows": []}
     for name in names:
-        report["rows"].append(run_one(name, model, steps, out, eval_n, workers))
+        raw = bench_spec(name, model, steps, out, eval_n, workers)
+        base_run = None
+        if name not in baselines:  # the same spec without the method; the default baseline row when they agree
+            base_raw, label = baseline_spec(name, raw), REGISTRY[name].baseline
+            same = without_output(base_raw) == without_output(bench_spec(label, model, steps, out, eval_n, workers))
+            base_run = label if same else base_raw["output"]["name"]
+            if not same and base_run not in [r.get("run") for r in report["rows"]]:
+                report["rows"].append(run_one(base_run.split("@")[0], model, steps, out, eval_n, workers, base_raw))
+        report["rows"].append({**run_one(name, model, steps, out, eval_n, workers, raw), "baseline_run": base_run})
         (out / "methods.json").write_text(json.dumps(report, indent=2))  # keep partial results
     (out / "methods.md").write_text(markdown(report))
     plot(report, out / "methods.png")

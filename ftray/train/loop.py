@@ -161,6 +161,8 @@ def train_step(model, batches, methods, optimizer, scheduler, ctx: Context, amp,
     task = task or get_task(ctx.spec)
     extra_metrics: dict[str, float] = {}
     total_loss, n_tokens = 0.0, 0
+    forwards = []  # every forward of the model in this step, the methods' extra passes included
+    counter = unwrap(model).register_forward_pre_hook(lambda *_: forwards.append(1))
     replacing = next((m for m in methods if "criterion" in type(m).hooks()), None)
     criterion = (lambda logits, targets: replacing.criterion(logits, targets, ctx)) if replacing else None
     for i, batch in enumerate(batches):
@@ -180,6 +182,8 @@ def train_step(model, batches, methods, optimizer, scheduler, ctx: Context, amp,
         n_tokens += int(count)
         real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         extra_metrics["tokens"] = extra_metrics.get("tokens", 0) + int(real)
+    counter.remove()
+    extra_metrics["forwards_per_batch"] = len(forwards) / len(batches)
     for m in methods:
         m.after_backward(unwrap(model), ctx)
     params = [p for g in optimizer.param_groups for p in g["params"]]

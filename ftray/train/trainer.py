@@ -65,6 +65,10 @@ def prepare_rows(spec: RunSpec, methods: list) -> tuple[list[dict], list[dict]]:
     A classification run without `task.num_labels` gets 1 + the largest label of either split, set
     on `spec` (so the workers and the saved spec agree).
     """
+    for field in ("source", "eval_source"):  # workers run in another working directory: pass local paths absolute
+        value = getattr(spec.data, field)
+        if value and not value.startswith("bundled:") and Path(value).expanduser().exists():
+            setattr(spec.data, field, str(Path(value).expanduser().resolve()))
     tokenizer = load_tokenizer(spec.model.name, spec.model.gguf_file)
     eval_source = spec.data.eval_source or spec.data.source
     if spec.task.type == "classification" and spec.task.num_labels is None:

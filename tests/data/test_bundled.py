@@ -14,7 +14,9 @@ from ftray.data import BUNDLED, extract_answer, load_rows, to_messages
 from ftray.data import bundled
 from ftray.data.bundled.generate import build_all
 
-SIZES = {"arithmetic": (2000, 200), "factual_qa": (500, 200), "classification": (1000, 200), "factual_edits": (100, 200)}
+SIZES = {"arithmetic": (2000, 200), "factual_qa": (500, 200), "classification": (1000, 200), "factual_edits": (100, 200),
+         "classification_lt": (318, 200), "retrieval": (800, 300),
+         **{f"classification_{k}": (1000, 200) for k in ("sym20", "sym40", "asym20", "asym40")}}
 
 
 def read(name: str, split: str) -> list[dict]:
@@ -24,7 +26,7 @@ def read(name: str, split: str) -> list[dict]:
 
 def test_regenerating_gives_the_shipped_bytes(tmp_path: Path) -> None:
     written = build_all(tmp_path)
-    assert set(written) == {f"{n}_{s}" for n in BUNDLED for s in ("train", "test")}
+    assert set(written) == {f"{n}_{s}" for n in BUNDLED for s in ("train", "test")} | {"retrieval_corpus"}
     for key, path in written.items():
         shipped = bundled.DIR / f"{key}.jsonl"
         assert path.read_bytes() == shipped.read_bytes(), f"{key} differs: rerun python -m ftray.data.bundled.generate"
@@ -35,7 +37,7 @@ def test_regenerating_gives_the_shipped_bytes(tmp_path: Path) -> None:
 def test_sizes_and_disjoint_splits(name: str) -> None:
     train, test = read(name, "train"), read(name, "test")
     assert (len(train), len(test)) == SIZES[name]
-    key = {"arithmetic": "question", "factual_qa": "prompt", "classification": "text", "factual_edits": "prompt"}[name]
+    key = {"arithmetic": "question", "factual_qa": "prompt", "factual_edits": "prompt", "retrieval": "query"}.get(name, "text")
     assert not {r[key] for r in train} & {r[key] for r in test}
     assert len({r[key] for r in train}) == len(train)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 BUNDLED = {"arithmetic", "factual_qa", "classification", "factual_edits", "classification_lt",
-           "classification_sym20", "classification_sym40", "classification_asym20", "classification_asym40"}
+           "classification_sym20", "classification_sym40", "classification_asym20", "classification_asym40", "retrieval"}
+CORPORA = {"retrieval"}  # datasets that also ship <name>_corpus.jsonl (rows {pid, text})
 SPLITS = ("train", "test")
 DIR = Path(__file__).parent
 
@@ -20,3 +21,10 @@ def path(name: str, split: str) -> Path:
     if split not in SPLITS:
         raise KeyError(f"bundled dataset {name!r} has no split {split!r}; splits are {', '.join(SPLITS)}")
     return DIR / f"{name}_{split}.jsonl"
+
+
+def corpus_path(name: str) -> Path:
+    """The passage corpus of a bundled retrieval dataset, e.g. corpus_path('retrieval')."""
+    if name not in CORPORA:
+        raise KeyError(f"bundled dataset {name!r} has no corpus; datasets with one are {', '.join(sorted(CORPORA))}")
+    return DIR / f"{name}_corpus.jsonl"

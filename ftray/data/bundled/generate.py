@@ -6,6 +6,7 @@ Each dataset has one function returning its (train, test) rows; `build_all` writ
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from ftray.data.bundled import arithmetic as _arithmetic
 from ftray.data.bundled import classification as _classification
 from ftray.data.bundled import factual_edits as _factual_edits
 from ftray.data.bundled import factual_qa as _factual_qa
+from ftray.data.bundled import retrieval as _retrieval
 
 SEED = 1234
 
@@ -62,6 +64,26 @@ DATASETS = {
 }
 
 
+@functools.cache
+def retrieval_rows() -> tuple[list[dict], list[dict], list[dict]]:
+    """The retrieval (train, test, corpus) rows before teacher scores; teacher.py scores these train rows."""
+    return _retrieval.generate(SEED, n_train=800, n_test=300, n_corpus=3000)
+
+
+def retrieval() -> tuple[list[dict], list[dict]]:
+    """Queries, positive, 7 hard negatives (800 train / 300 test); train rows carry the cached teacher_scores.
+
+    The scores come from retrieval_teacher.jsonl (written once by `python -m ftray.data.bundled.teacher`,
+    which needs the model), so regenerating stays model-free and byte-identical.
+    """
+    train, test, _ = retrieval_rows()
+    return _retrieval.with_teacher_scores(train, DIR / "retrieval_teacher.jsonl"), test
+
+
+DATASETS["retrieval"] = retrieval
+CORPORA = {"retrieval": lambda: retrieval_rows()[2]}  # <name>_corpus.jsonl: rows {pid, text}
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     """One JSON object per line, UTF-8, '\\n' line ends: the same bytes on every platform."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -78,6 +100,9 @@ def build_all(out_dir: Path | str | None = None) -> dict[str, Path]:
         for split, rows in zip(("train", "test"), make()):
             written[f"{name}_{split}"] = out / f"{name}_{split}.jsonl"
             write_jsonl(rows, written[f"{name}_{split}"])
+    for name, make_corpus in CORPORA.items():
+        written[f"{name}_corpus"] = out / f"{name}_corpus.jsonl"
+        write_jsonl(make_corpus(), written[f"{name}_corpus"])
     return written
 
 
