@@ -185,19 +185,19 @@ def serve(
 
 @app.command()
 def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List every method with its paper, hooks and defaults."""
+    """List every method with its paper, task types, hooks and defaults."""
     from ftray.methods import REGISTRY
 
     rows = []
     for name, cls in sorted(REGISTRY.items()):
         fields = {f: {"default": info.default, "description": info.description} for f, info in cls.Config.model_fields.items()}
-        rows.append({"name": name, "paper": cls.paper, "hooks": cls.hooks(), "config": fields})
+        rows.append({"name": name, "paper": cls.paper, "tasks": list(cls.tasks), "hooks": cls.hooks(), "config": fields})
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
     for row in rows:
         typer.secho(row["name"], bold=True)
-        typer.echo(f"  paper: {row['paper']}\n  hooks: {', '.join(row['hooks']) or '-'}")
+        typer.echo(f"  paper: {row['paper']}\n  tasks: {', '.join(row['tasks'])}\n  hooks: {', '.join(row['hooks']) or '-'}")
         for f, info in row["config"].items():
             typer.echo(f"  {f} = {info['default']!r}: {info['description']}")
 

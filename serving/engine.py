@@ -5,12 +5,16 @@ A replica loads the model once, then serves OpenAI requests handed over by the i
 Problems the client caused come back as an `OpenAIError` value (not raised), so the ingress can turn
 them into a 4xx before any byte of a stream is sent.
 
-Batching: every sequence (a request with n=2 is two) goes through `_decode`, a `@serve.batch`
-async generator, so sequences that arrive within `batch_wait_timeout_s` are decoded as one
-left-padded batch (`serving.generation.decode_batch`). Requests with different sampling settings,
-seeds or adapters share a batch: sampling is per row and adapters mix through PEFT's
-`adapter_names=`. A batch runs to its longest sequence; requests arriving meanwhile form the next.
-Forward passes run in a worker thread so the replica keeps accepting requests while it decodes.
+Batching: every sequence (a request with n=2 is two) is handed to the replica's
+`serving.generation.ContinuousBatcher`, whose decode thread admits new sequences at every step
+(prefilled together, then merged into the running batch) and decodes all running sequences in one
+forward pass per step; a finished sequence leaves at once, so a request never waits for another
+one's tail. Requests with different sampling settings, seeds or adapters share the batch: sampling
+is per row and adapters mix through PEFT's `adapter_names=`. Events cross from the decode thread to
+the replica's event loop through one asyncio queue per sequence.
+
+`TextEngine` is shared with logit-fusion ensembles (`serving.fusion`), which still decode static
+batches gathered by `@serve.batch` (`_decode`): their members' caches live in other actors.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from ray import serve
 
 from serving.config import ModelConfig
-from serving.generation import Event, Job, decode_batch
+from serving.generation import ContinuousBatcher, Event, Job
 from serving.openai_api import (
     ChatCompletionRequest, CompletionRequest, OpenAIError, chat_chunk, chat_response, completion_chunk,
     completion_response, new_id, usage, usage_chunk,
@@ -77,10 +81,11 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 class TextEngine:
-    """OpenAI requests → batched decoding jobs → responses; subclasses say how a batch is decoded.
+    """OpenAI requests → decoding jobs → responses; subclasses say how jobs are decoded.
 
-    A subclass sets `tokenizer`, `context` (max tokens), `eos_ids`, `default_max_tokens`, calls
-    `configure_batching`, and implements `steps(jobs)`: a generator of per-step Event lists.
+    A subclass sets `tokenizer`, `context` (max tokens), `eos_ids`, `default_max_tokens`, and either
+    overrides `events(job)` or calls `configure_batching` and implements `steps(jobs)`: a generator of
+    per-step Event lists for a static batch gathered by `@serve.batch`.
     """
 
     tokenizer: object
@@ -96,6 +101,10 @@ class TextEngine:
     def steps(self, jobs: list[Job]):
         """Decode `jobs` as one batch (see `serving.generation.decode_batch`)."""
         raise NotImplementedError
+
+    def events(self, job: Job) -> AsyncIterator[Event]:
+        """The Events of one sequence, to its last; by default from a static `@serve.batch` batch."""
+        return self._decode(job)
 
     async def respond(self, request: CompletionRequest | ChatCompletionRequest, adapter: str | None):
         """A whole completion or chat completion, or an OpenAIError."""
@@ -124,7 +133,7 @@ class TextEngine:
             for index in range(len(jobs)):
                 yield chat_chunk(id_, model, index, {"role": "assistant", "content": ""}, None)
         counts = [0] * len(jobs)
-        async for index, event in _merge([self._decode(job) for job in jobs]):
+        async for index, event in _merge([self.events(job) for job in jobs]):
             counts[index] = event.completion_tokens
             if not event.text and event.finish_reason is None:
                 continue
@@ -148,7 +157,7 @@ class TextEngine:
     async def _collect(self, job: Job) -> dict:
         """Run one sequence to its end: text, finish_reason, logprobs, completion_tokens."""
         text, finish, count, tokens = "", None, 0, []
-        async for event in self._decode(job):
+        async for event in self.events(job):
             text += event.text
             finish, count = event.finish_reason or finish, event.completion_tokens
             if event.token is not None:
@@ -206,12 +215,32 @@ class HFEngine(TextEngine):
         self.context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.default_max_tokens = self.cfg.default_max_tokens
-        self.configure_batching(self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
+        self.batcher = ContinuousBatcher(
+            self.model, self.tokenizer, self.eos_ids, self.tokenizer.pad_token_id, self.cfg.max_batch_size,
+            self.autocast, multi_adapter=bool(self.cfg.adapters), wait_s=self.cfg.batch_wait_timeout_s)
 
-    def steps(self, jobs: list[Job]):
-        """One left-padded batch through this replica's model (adapters mixed per row)."""
-        return decode_batch(self.model, self.tokenizer, jobs, self.eos_ids, self.tokenizer.pad_token_id,
-                            self.autocast, multi_adapter=bool(self.cfg.adapters))
+    async def events(self, job: Job) -> AsyncIterator[Event]:
+        """The Events of `job` as the replica's decode thread produces them."""
+        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+        seq = self.batcher.submit(job, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
+        try:
+            while True:
+                item = await inbox.get()
+                # A consumer that fell behind gets the tokens waiting for it as one chunk (fewer Serve
+                # stream items under load); streamed logprobs stay one token per chunk.
+                while job.logprobs is None and isinstance(item, Event) and not inbox.empty():
+                    after = inbox.get_nowait()
+                    if isinstance(after, Exception):
+                        item = after
+                        break
+                    item = Event(item.text + after.text, after.finish_reason, after.completion_tokens)
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True  # frees the row at the next step if the client went away mid-stream
 
 
 async def _merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:

@@ -52,3 +52,4 @@ def test_methods_lists_papers_hooks_and_defaults():
     assert rows["masked_thought"]["config"]["p"]["default"] == 0.4
     assert "2404.18466" in rows["hft"]["paper"]
     assert rows["lora"]["hooks"] == ["prepare_model"]
+    assert rows["car"]["tasks"] == ["classification"] and "retrieval" in rows["lora"]["tasks"]

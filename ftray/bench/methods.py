@@ -111,6 +111,34 @@ def score(model_ref: str, eval_n: int, task: str = "causal_lm") -> dict[str, flo
             "qa_em": probe["exact_match"], "qa_ppl": round(probe["perplexity"], 4)}
 
 
+# LfU's "spread over rephrased prompts": the same test problems under three wordings of the request.
+REPHRASINGS = ("{q}", "Solve this word problem: {q}", "{q}\nWork it out step by step, then give the final number.")
+
+
+def prompt_spread(model_ref: str, eval_n: int, out: Path) -> dict[str, float]:
+    """Arithmetic exact match under each rephrasing, and its spread (max − min) and standard deviation."""
+    import statistics
+
+    from ftray.data import load_rows
+
+    rows = load_rows("bundled:arithmetic", "test", eval_n).to_list()
+    ems = []
+    for i, template in enumerate(REPHRASINGS):
+        path = out / "rephrased" / f"arithmetic_{i}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({**r, "question": template.format(q=r["question"])}) + "\n" for r in rows))
+        ems.append(evaluate_on_ray(model_ref, source=str(path), split="test", max_samples=eval_n)["exact_match"])
+    return {"arith_em_rephrased": ems, "arith_em_spread": max(ems) - min(ems), "arith_em_std": statistics.pstdev(ems)}
+
+
+def add_prompt_spread(row: dict[str, Any], eval_n: int, out: Path) -> dict[str, Any]:
+    """`row` with its prompt spread measured (once; stored in its cached row file)."""
+    if "arith_em_spread" not in row:
+        row.update(prompt_spread(str(out / "runs" / row.get("run", row["method"]) / "final"), eval_n, out))
+        (out / "rows" / f"{row.get('run', row['method'])}.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The table: each method with its deltas against its baseline (plain SFT or plain LoRA)."""
     by_name = {r.get("run", r["method"]): r for r in report["rows"]}
@@ -131,6 +159,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['method']} | {r['baseline'] if base else '–'} | {r['arith_em']:.2f} | {d_em} | {r['arith_ppl']:.3f} | {r['qa_em']:.2f} | {d_qa} | {r['qa_ppl']:.3f} "
             f"| {r['trainable']:,} ({r['trainable'] / r['total']:.1%}) | {r['peak_rss_mb_rank0']} | {r['train_wall_s']} |"
         )
+    spread = [r for r in report["rows"] if "arith_em_spread" in r]
+    if spread:
+        lines += ["", "Arithmetic EM under three rephrasings of the request (LfU's robustness metric):", "",
+                  "| method | EM per rephrasing | spread (max − min) | std |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {r['method']} | {', '.join(f'{e:.2f}' for e in r['arith_em_rephrased'])} | {r['arith_em_spread']:.2f} "
+                  f"| {r['arith_em_std']:.3f} |" for r in spread]
     lines += cost_lines(report, by_name)
     for task, keys in TASK_METRICS.items():
         rows = [r for r in report["rows"] if r.get("task") == task]
@@ -212,7 +246,11 @@ def main(methods: list[str], steps: int = 40, out_dir: str = "bench_results", mo
             base_run = label if same else base_raw["output"]["name"]
             if not same and base_run not in [r.get("run") for r in report["rows"]]:
                 report["rows"].append(run_one(base_run.split("@")[0], model, steps, out, eval_n, workers, base_raw))
-        report["rows"].append({**run_one(name, model, steps, out, eval_n, workers, raw), "baseline_run": base_run})
+        row = {**run_one(name, model, steps, out, eval_n, workers, raw), "baseline_run": base_run}
+        if "prompt_spread" in REGISTRY[name].bench_metrics:  # for the method and the baseline it is compared with
+            add_prompt_spread(row, eval_n, out)
+            add_prompt_spread(next(r for r in report["rows"] if r.get("run", r["method"]) == base_run), eval_n, out)
+        report["rows"].append(row)
         (out / "methods.json").write_text(json.dumps(report, indent=2))  # keep partial results
     (out / "methods.md").write_text(markdown(report))
     plot(report, out / "methods.png")

@@ -80,7 +80,8 @@ class Method:
     incompatible: ClassVar[tuple[str, ...]] = ()  # registry names this method cannot run with
     baseline: ClassVar[str] = "full"  # what `ftray bench methods` compares it with: "full" (plain SFT) or "lora"
     tasks: ClassVar[tuple[str, ...]] = ("causal_lm",)  # the task types (spec.task.type) it supports
-    bench: ClassVar[dict[str, Any]] = {}  # run-spec overrides for its `ftray bench methods` run (e.g. {"train": {"lr": 1e-3}})
+    bench: ClassVar[dict[str, Any]] = {}
+    bench_metrics: ClassVar[tuple[str, ...]] = ()  # extra `ftray bench methods` measurements (e.g. "prompt_spread")  # run-spec overrides for its `ftray bench methods` run (e.g. {"train": {"lr": 1e-3}})
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

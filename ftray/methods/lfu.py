@@ -77,6 +77,7 @@ class LfU(Method):
     baseline = "lora"
     # The paper's setting is LoRA + LfU; compare with plain LoRA at the LoRA baseline's learning rate.
     bench = {"methods": [{"name": "lora"}, {"name": "lfu"}], "train": {"lr": 1e-3}}
+    bench_metrics = ("prompt_spread",)  # its paper reports the spread of accuracy over prompt variants
 
     def check(self, spec: RunSpec) -> None:
         """The perturbation needs whole parameters on every rank."""
