@@ -9,7 +9,7 @@ from ftray.methods.registry import REGISTRY, build_methods, register, validate_m
 
 # The one list of method modules; importing registers them.
 from ftray.methods import (  # noqa: E402,F401  isort: skip
-    car, cofitune, core_tuning, corda, dr_tune, full, hft, lfu, locft_bf, lofit, lora, loramoe,
+    car, cofitune, core_tuning, corda, dr_tune, full, glue_tricks, hft, lfu, listwise_distill, locft_bf, lofit, lora, loramoe,
     lt_sft, masked_thought, noise_robust, noisefit, owlore, roste, ul2,
 )
 
