@@ -139,6 +139,7 @@ def eval_cmd(
     max_new_tokens: Optional[int] = typer.Option(None, help="Generation budget (default 96; 32 with --edits)."),
     edits: bool = typer.Option(False, "--edits", help="Model-editing metrics instead: reliability, generality, locality."),
     base: Optional[str] = typer.Option(None, help="--edits: the unedited model locality compares with (default: the checkpoint's base)."),
+    prompt_prefix: str = typer.Option("", help="Text put before every rendered prompt, e.g. a UL2 mode token: '[S2S]'."),
 ) -> None:
     """Exact match and perplexity on a split (classification / retrieval checkpoints: their task's metrics), or editing metrics with --edits."""
     from ftray.eval import evaluate_on_ray
@@ -154,7 +155,7 @@ def eval_cmd(
             _fail(f"error: {err}")
     else:
         result = evaluate_on_ray(model, source=source, split=split or "test", max_samples=max_samples,
-                                 max_new_tokens=max_new_tokens or 96)
+                                 max_new_tokens=max_new_tokens or 96, prompt_prefix=prompt_prefix)
     typer.echo(json.dumps(result, indent=2))
 
 

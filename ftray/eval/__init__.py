@@ -14,10 +14,12 @@ from ftray.eval.tasks import evaluate_task
 
 
 def evaluate(model_ref: str, source: str | None = None, split: str = "test", max_samples: int | None = 200,
-             max_new_tokens: int = 96, max_len: int = 512, threads: int | None = None) -> dict[str, Any]:
+             max_new_tokens: int = 96, max_len: int = 512, threads: int | None = None, prompt_prefix: str = "") -> dict[str, Any]:
     """Exact match (generation) and perplexity of `model_ref` (checkpoint dir, path or alias) on a split.
 
-    Classification and retrieval checkpoints get their task's metrics instead (`ftray.eval.tasks`).
+    `prompt_prefix` goes before every rendered prompt (a UL2 mode token such as "[S2S]", see
+    `ftray.methods.ul2.mode_prompt`). Classification and retrieval checkpoints get their task's
+    metrics instead (`ftray.eval.tasks`).
     """
     if task_of(model_ref)[0] != "causal_lm":
         return evaluate_task(model_ref, source, split, max_samples, threads)
@@ -28,7 +30,7 @@ def evaluate(model_ref: str, source: str | None = None, split: str = "test", max
     ds = load_rows(source, split, max_samples)
     fmt = detect_format(ds)
     rows = ds.to_list()
-    result = exact_match(model, tokenizer, rows, fmt, max_new_tokens)
+    result = exact_match(model, tokenizer, rows, fmt, max_new_tokens, prefix=prompt_prefix)
     tokenized = tokenize_dataset(ds, tokenizer, fmt, max_len, source_name=f"{source}[{split}]").to_list()
     result["perplexity"] = perplexity(model, tokenized, tokenizer.pad_token_id)
     return {"model": model_ref, "source": source, "split": split, **result}

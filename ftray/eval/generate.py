@@ -13,15 +13,17 @@ from ftray.train.loss import forward_and_loss
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_tokens: int = 96, batch_size: int = 32) -> list[str]:
-    """Greedy completions of chat `prompts` (lists of messages), left-padded in batches."""
+def generate(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_tokens: int = 96, batch_size: int = 32,
+             prefix: str = "") -> list[str]:
+    """Greedy completions of chat `prompts` (lists of messages), left-padded in batches; `prefix` goes
+    before each rendered prompt (e.g. a UL2 mode token, "[S2S]")."""
     model.eval()
     amp = default_autocast_dtype(model.device.type)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [render_prompt(p, tokenizer) for p in prompts[i : i + batch_size]]
+            texts = [prefix + render_prompt(p, tokenizer) for p in prompts[i : i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -31,9 +33,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_toke
     return outputs
 
 
-def exact_match(model: Any, tokenizer: Any, rows: list[dict], fmt: str, max_new_tokens: int = 96, batch_size: int = 32) -> dict[str, Any]:
+def exact_match(model: Any, tokenizer: Any, rows: list[dict], fmt: str, max_new_tokens: int = 96, batch_size: int = 32,
+                prefix: str = "") -> dict[str, Any]:
     """Accuracy of the extracted final answer against each row's reference, with a few examples."""
-    outputs = generate(model, tokenizer, [format_prompt(r, fmt) for r in rows], max_new_tokens, batch_size)
+    outputs = generate(model, tokenizer, [format_prompt(r, fmt) for r in rows], max_new_tokens, batch_size, prefix)
     hits = [normalize_answer(extract_answer(o) or o) == normalize_answer(reference_answer(r, fmt)) for o, r in zip(outputs, rows)]
     examples = [{"output": o, "reference": reference_answer(r, fmt), "correct": h} for o, r, h in list(zip(outputs, rows, hits))[:3]]
     return {"exact_match": sum(hits) / max(1, len(hits)), "n": len(hits), "examples": examples}
