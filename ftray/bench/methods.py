@@ -60,6 +60,11 @@ def baseline_spec(name: str, raw: dict[str, Any]) -> dict[str, Any]:
     return deep_merge(base, {"output": {"name": f"{label}@{digest}"}})
 
 
+def median(values: list[float]) -> float | None:
+    """The middle value (a typical step, not a one-off first step such as NoiseFiT's layer selection)."""
+    return sorted(values)[len(values) // 2] if values else None
+
+
 def without_output(raw: dict[str, Any]) -> dict[str, Any]:
     """A bench spec without its output section (the run's name and place), for comparing what is trained."""
     return json.loads(json.dumps({k: v for k, v in raw.items() if k != "output"}, sort_keys=True))
@@ -79,13 +84,13 @@ def run_one(name: str, model: str, steps: int, out: Path, eval_n: int, workers: 
     trainable = next(r for r in rows if r.get("event") == "phase")
     peak = max(r.get("peak_rss_mb", 0) for r in rows)
     steps_logged = [r for r in rows if "loss" in r and "time" in r]
-    gaps = sorted(b["time"] - a["time"] for a, b in zip(steps_logged, steps_logged[1:]))
+    gaps = [b["time"] - a["time"] for a, b in zip(steps_logged, steps_logged[1:])]
     row = {
         "method": name, "run": raw["output"]["name"], "task": spec.task.type, "data": spec.data.source,
         "baseline": REGISTRY[name].baseline if name != BASELINE else "–", "train_wall_s": round(wall, 1),
         "trainable": trainable["trainable"], "total": trainable["total"], "peak_rss_mb_rank0": round(peak),
-        "s_per_step": round(gaps[len(gaps) // 2], 3) if gaps else None,
-        "forwards_per_batch": max((r.get("forwards_per_batch", 0) for r in steps_logged), default=None),
+        "s_per_step": round(median(gaps), 3) if gaps else None,
+        "forwards_per_batch": median([r["forwards_per_batch"] for r in steps_logged if "forwards_per_batch" in r]),
         **score(str(result.final_dir), eval_n, spec.task.type), "spec": raw,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +161,7 @@ def markdown(report: dict[str, Any]) -> str:
         d_em = f"{r['arith_em'] - base['arith_em']:+.2f}" if base else "–"
         d_qa = f"{r['qa_em'] - base['qa_em']:+.2f}" if base else "–"
         lines.append(
-            f"| {r['method']} | {r['baseline'] if base else '–'} | {r['arith_em']:.2f} | {d_em} | {r['arith_ppl']:.3f} | {r['qa_em']:.2f} | {d_qa} | {r['qa_ppl']:.3f} "
+            f"| {r.get('run', r['method'])} | {r.get('baseline_run') or r['baseline'] if base else '–'} | {r['arith_em']:.2f} | {d_em} | {r['arith_ppl']:.3f} | {r['qa_em']:.2f} | {d_qa} | {r['qa_ppl']:.3f} "
             f"| {r['trainable']:,} ({r['trainable'] / r['total']:.1%}) | {r['peak_rss_mb_rank0']} | {r['train_wall_s']} |"
         )
     spread = [r for r in report["rows"] if "arith_em_spread" in r]
@@ -178,7 +183,7 @@ def markdown(report: dict[str, Any]) -> str:
             cells = [f"{r[k]:.3f}" + (f" ({r[k] - base[k]:+.3f})" if base and r[k] is not None and base[k] is not None else "")
                      if r[k] is not None else "–" for k in keys]
             ratio = f" ({r['s_per_step'] / base['s_per_step']:.2f}×)" if base and r.get("s_per_step") and base.get("s_per_step") else ""
-            lines.append(f"| {r['method']} | {r['data']} | {r.get('baseline_run') or '–'} | {' | '.join(cells)} "
+            lines.append(f"| {r.get('run', r['method'])} | {r['data']} | {r.get('baseline_run') or '–'} | {' | '.join(cells)} "
                          f"| {r.get('s_per_step')}{ratio} | {r.get('forwards_per_batch')} |")
     return "\n".join(lines) + "\n"
 
@@ -193,7 +198,7 @@ def cost_lines(report: dict[str, Any], by_name: dict[str, Any]) -> list[str]:
     for r in rows:
         base = by_name.get(r.get("baseline_run") or "")
         ratio = f"{r['s_per_step'] / base['s_per_step']:.2f}×" if base and base.get("s_per_step") else "–"
-        lines.append(f"| {r['method']} | {r.get('baseline_run') or '–'} | {r['s_per_step']} | {ratio} | {r.get('forwards_per_batch')} |")
+        lines.append(f"| {r.get('run', r['method'])} | {r.get('baseline_run') or '–'} | {r['s_per_step']} | {ratio} | {r.get('forwards_per_batch')} |")
     return lines
 
 
