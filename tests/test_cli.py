@@ -32,7 +32,7 @@ def test_bad_recipe_names_the_field(tmp_path):
 def test_unknown_method_lists_known_ones():
     result = train("quickstart", "--set", "methods.1.name=masked_thoughts")
     assert result.exit_code == 2
-    assert "methods.1.name: unknown method 'masked_thoughts'; known: cofitune, corda, full, hft" in result.output
+    assert "methods.1.name: unknown method 'masked_thoughts'; known: car, cofitune, corda, core_tuning" in result.output
 
 
 def test_bad_data_row_reports_file_and_row(tmp_path, tiny_model_dir):

@@ -22,7 +22,7 @@ def test_overrides_reach_nested_fields_and_list_items():
         ({"scaling": {"num_workers": 0}}, "scaling.num_workers: Input should be greater than or equal to 1"),
         ({"train": {"lrr": 1}}, "train.lrr: Extra inputs are not permitted"),
         ({"train": {"lr": "fast"}}, "train.lr: Input should be a valid number"),
-        ({"methods": [{"name": "lorax"}]}, "methods.0.name: unknown method 'lorax'; known: cofitune, corda, full, hft"),
+        ({"methods": [{"name": "lorax"}]}, "methods.0.name: unknown method 'lorax'; known: car, cofitune, corda, core_tuning"),
         ({"methods": [{"name": "lora", "rank": 8}]}, "methods.0.rank: Extra inputs are not permitted (method 'lora')"),
         ({"methods": ["lora", "hft"]}, "methods.0: 'lora' cannot be combined with 'hft'"),
         ({"methods": [{"name": "masked_thought", "p": 1.5}]}, "methods.0.p: Input should be less than or equal to 1"),

@@ -64,7 +64,7 @@ def test_csv_classification_label_is_parsed_as_int(tmp_path: Path) -> None:
 
 def test_bundled_sources_and_max_samples() -> None:
     for name in BUNDLED:
-        assert len(load_rows(f"bundled:{name}", split="test")) == 200
+        assert len(load_rows(f"bundled:{name}", split="test")) == (300 if name == "retrieval" else 200)
     assert len(load_rows("bundled:arithmetic", max_samples=7)) == 7
     with pytest.raises(DataError, match="no bundled dataset 'nope'"):
         load_rows("bundled:nope")
