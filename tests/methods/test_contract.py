@@ -23,6 +23,20 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMES = sorted(REGISTRY)
 
 
+def two_steps(model, methods, ctx, make_batch, task=None) -> None:
+    """Two real optimizer steps as the loop takes them (methods' groups/optimizer, on_step); each loss is finite."""
+    groups = next((g for m in methods if (g := m.param_groups(model, ctx))), None)
+    params = groups or [p for p in model.parameters() if p.requires_grad]
+    opt = next((o for m in methods if (o := m.optimizer(params, ctx))), None) or build_optimizer(params, ctx.spec.train)
+    sched = build_scheduler(opt, ctx.spec.train, 2)
+    for step in range(2):
+        ctx.step = step
+        for m in methods:
+            m.on_step(model, opt, ctx)
+        metrics = train_step(model, [make_batch(step)], methods, opt, sched, ctx, amp=None, task=task)
+        assert math.isfinite(metrics["loss"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_method_has_test_tune_space_docs_and_defaults(name):
     cls = REGISTRY[name]
@@ -59,16 +73,7 @@ def test_two_steps_finite_loss_only_declared_params_change_and_finalize_round_tr
         model = m.prepare_model(model, ctx)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     declared = {n for n, p in model.named_parameters() if p.requires_grad}
-    groups = next((g for m in methods if (g := m.param_groups(model, ctx))), None)
-    params = groups or [p for p in model.parameters() if p.requires_grad]
-    opt = next((o for m in methods if (o := m.optimizer(params, ctx))), None) or build_optimizer(params, spec.train)
-    sched = build_scheduler(opt, spec.train, 2)
-    for step in range(2):
-        ctx.step = step
-        for m in methods:
-            m.on_step(model, opt, ctx)
-        metrics = train_step(model, [random_batch(vocab=len(tiny_tokenizer), seed=step)], methods, opt, sched, ctx, amp=None)
-        assert math.isfinite(metrics["loss"])
+    two_steps(model, methods, ctx, lambda step: random_batch(vocab=len(tiny_tokenizer), seed=step))
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and moved <= declared
 
@@ -110,13 +115,4 @@ def test_two_steps_on_classification_and_retrieval_give_finite_loss(name, task_t
     model = task.load_model()
     for m in methods:
         model = m.prepare_model(model, ctx)
-    groups = next((g for m in methods if (g := m.param_groups(model, ctx))), None)
-    params = groups or [p for p in model.parameters() if p.requires_grad]
-    opt = next((o for m in methods if (o := m.optimizer(params, ctx))), None) or build_optimizer(params, spec.train)
-    sched = build_scheduler(opt, spec.train, 2)
-    for step in range(2):
-        ctx.step = step
-        for m in methods:
-            m.on_step(model, opt, ctx)
-        metrics = train_step(model, [_task_batch(task, tiny_tokenizer, step)], methods, opt, sched, ctx, amp=None, task=task)
-        assert math.isfinite(metrics["loss"])
+    two_steps(model, methods, ctx, lambda step: _task_batch(task, tiny_tokenizer, step), task)
