@@ -56,6 +56,13 @@ class DataSpec(_Section):
     packing: bool = Field(False, description="Pack several examples per row (same loss, fewer pad tokens).")
     max_samples: int | None = Field(None, ge=1, description="Use only the first N training rows.")
     eval_max_samples: int | None = Field(200, ge=1, description="Use only the first N evaluation rows.")
+    sources: list[str] | None = Field(None, description="Several training sources, concatenated with a `source` column "
+                                      "(weights: the `mixture` method); replaces `source` for training when set.")
+    recompute: bool = Field(False, description="Redo the methods' prepare_data even when its cache matches the inputs.")
+    cache_dir: str | None = Field(None, description="Where prepared data is cached; default <output.dir>/data_cache.")
+    actors: int | None = Field(None, ge=1, description="Ray Data actors for model inference over the data; default from the cluster's CPUs/GPUs.")
+    actor_threads: int | None = Field(None, ge=1, description="torch threads per inference actor on CPU; default CPUs / actors.")
+    infer_batch_size: int = Field(16, ge=1, description="Rows per model-inference batch in prepare_data.")
 
 
 class TrainSpec(_Section):

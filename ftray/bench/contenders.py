@@ -100,7 +100,7 @@ def run_ftray(s: Settings, name: str, workers: int, packing: bool, storage: str)
     """ftray's real driver path (prepare_rows → build_trainer → fit) on `workers` Ray Train workers."""
     spec = run_spec(s, workers, packing, storage, name)
     methods = build_methods(spec.methods)
-    train, eval_rows = trainer.prepare_rows(spec, methods)
+    train, eval_rows, _ = trainer.prepare_rows(spec, methods)
     trainer.ensure_ray()
     run_dir = Path(trainer.storage_path(spec)) / name
     shutil.rmtree(run_dir, ignore_errors=True)  # Ray Train would resume a run dir left by an earlier bench
@@ -139,7 +139,7 @@ def _setup(s: Settings) -> tuple[RunSpec, list[dict], int, torch.nn.Module, torc
     torch.set_num_threads(s.threads)
     spec = run_spec(s)
     methods = build_methods(spec.methods)
-    rows, _ = trainer.prepare_rows(spec, methods)
+    rows, _, _ = trainer.prepare_rows(spec, methods)
     c = methods[0].config  # the same LoRA fields (and defaults, e.g. dropout) ftray's lora method uses
     torch.manual_seed(0)
     model = get_peft_model(load_model(s.model), LoraConfig(

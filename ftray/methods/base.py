@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    import datasets
+    import ray.data
 
     from ftray.config import RunSpec
 
@@ -69,6 +69,9 @@ class Context:
     # Another micro-batch drawn at random from this rank's training rows with `generator` (on the
     # device, not yet corrupted): for methods that need a second batch in a step (e.g. LfU's x′).
     draw_batch: Callable[[], dict[str, torch.Tensor]] | None = None
+    # `prepare_data` only: what the method did to the rows (counts per bucket, a few examples), saved
+    # as the method's entry in data_report.json and summarised in the log.
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
@@ -89,8 +92,9 @@ class Method:
     def check(self, spec: RunSpec) -> None:
         """Raise ValueError if this method cannot run with the rest of `spec` (called before Ray starts)."""
 
-    def prepare_data(self, ds: datasets.Dataset, ctx: Context) -> datasets.Dataset:
-        """Rewrite the raw training rows once, before tokenization."""
+    def prepare_data(self, ds: ray.data.Dataset, ctx: Context) -> ray.data.Dataset:
+        """Rewrite the raw training rows once, before tokenization, on Ray Data (driver side; model
+        inference through `ftray.data.inference.map_model`); describe what changed in `ctx.report`."""
         return ds
 
     def corrupt_batch(self, batch: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:

@@ -253,7 +253,7 @@ class GlueTricks(Method):
             from ftray.train.trainer import tokenized_rows
 
             spec = ctx.spec
-            rows = tokenized_rows(spec, spec.data.eval_source or spec.data.source, spec.data.eval_split, None, ctx.tokenizer, None)
+            rows, _ = tokenized_rows(spec, spec.data.eval_source or spec.data.source, spec.data.eval_split, None, ctx.tokenizer, None)
             self._unlabelled = [{"input_ids": r["input_ids"]} for r in rows]  # inputs only: the labels are dropped here
         pick = torch.randint(len(self._unlabelled), (ctx.spec.train.batch_size,), generator=ctx.generator).tolist()
         batch = {k: v.to(ctx.device) for k, v in pad([self._unlabelled[i] for i in pick], ctx.tokenizer.pad_token_id).items()}

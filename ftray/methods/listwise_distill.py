@@ -110,18 +110,20 @@ class ListwiseDistill(Method):
 
     def prepare_data(self, ds, ctx: Context):
         """Normalise the teacher scores dataset-wide and drop queries the teacher scores low (repository's filter)."""
-        if "teacher_scores" not in ds.column_names:
+        if "teacher_scores" not in ds.columns():
             raise DataError(f"listwise_distill needs a 'teacher_scores' column (one score per [positive, *negatives]) in "
-                            f"{ctx.spec.data.source}; found {ds.column_names}")
+                            f"{ctx.spec.data.source}; found {ds.columns()}")
         c = self.config
-        scores = np.concatenate([np.asarray(s, dtype=np.float64) for s in ds["teacher_scores"]])
+        scores = np.concatenate([np.asarray(r["teacher_scores"], dtype=np.float64) for r in ds.select_columns(["teacher_scores"]).take_all()])
+        n_in = ds.count()
         if c.drop_below_percentile > 0:
             cutoff = np.percentile(scores, c.drop_below_percentile)
             ds = ds.filter(lambda r: max(r["teacher_scores"]) >= cutoff)
         if c.normalize_teacher:
             lo, hi = np.percentile(scores, 1), np.percentile(scores, 99)
             span = max(hi - lo, 1e-12)
-            ds = ds.map(lambda r: {"teacher_scores": [float(min(max((s - lo) / span, 0.0), 1.0)) for s in r["teacher_scores"]]})
+            ds = ds.map(lambda r: {**r, "teacher_scores": [float(min(max((s - lo) / span, 0.0), 1.0)) for s in r["teacher_scores"]]})
+        ctx.report.update({"queries_in": n_in, "queries_dropped_low_teacher": n_in - ds.count(), "normalised": c.normalize_teacher})
         return ds
 
     def corrupt_batch(self, batch: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import datasets
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -41,7 +40,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ftray.data import detect_format, load_rows, to_messages
-from ftray.data.formats import FORMATS
+from ftray.data.formats import FORMATS, format_of_columns
 from ftray.methods.base import Context, Method, MethodConfig
 from ftray.methods.registry import register
 
@@ -152,17 +151,23 @@ class LoraMoe(Method):
         if spec.data.packing and self.config.mix_source:
             raise ValueError("mix_source gives rows task types, which packing (data.packing=true) drops; turn packing off")
 
-    def prepare_data(self, ds: datasets.Dataset, ctx: Context) -> datasets.Dataset:
+    def prepare_data(self, ds, ctx: Context):
         """Label the training rows with a task_type and mix in `mix_source` rows in the same format."""
+        import ray.data
+
         c = self.config
-        fmt = ctx.spec.data.format if ctx.spec.data.format != "auto" else detect_format(ds)
-        keep = [k for k in (*FORMATS[fmt], "system", "options", "task_type") if k in ds.column_names]
-        rows = [{**{k: r[k] for k in keep}, "task_type": r.get("task_type", c.task_type)} for r in ds]
+        fmt = ctx.spec.data.format if ctx.spec.data.format != "auto" else format_of_columns(ds.columns())
+        keep = [k for k in (*FORMATS[fmt], "system", "options", "task_type") if k in ds.columns()]
+        ds = ds.map(lambda r: {**{k: r[k] for k in keep}, "task_type": r.get("task_type", c.task_type)})
+        n_mix = 0
         if c.mix_source:
             mix = load_rows(c.mix_source, c.mix_split, c.mix_samples)
             mix_fmt = detect_format(mix, c.mix_source)
-            rows += [{**as_format(r, mix_fmt, fmt, c.mix_source), "task_type": c.mix_task_type} for r in mix]
-        return datasets.Dataset.from_list(rows)
+            mixed = [{**as_format(r, mix_fmt, fmt, c.mix_source), "task_type": c.mix_task_type} for r in mix]
+            n_mix = len(mixed)
+            ds = ds.union(ray.data.from_items(mixed))
+        ctx.report.update({"rows_task_type": {str(c.task_type): ds.count() - n_mix, str(c.mix_task_type): n_mix}})
+        return ds
 
     def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         """Rebuild the model as a LoraMoeLlamaForCausalLM; only the experts and routers train."""

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ftray.config import RunSpec
-from ftray.data import load_rows
+from ftray.data import DataError, load_rows
+from ftray.data.prepare import copy_report, prepare_training_data
 from ftray.eval import evaluate_on_ray
 from ftray.methods import Context, build_methods
 from ftray.models import load_tokenizer
@@ -49,18 +51,32 @@ def run_name(spec: RunSpec, recipe: str | None = None) -> str:
     return spec.output.name or f"{Path(recipe).stem if recipe else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def tokenized_rows(spec: RunSpec, source: str, split: str, max_samples: int | None, tokenizer: Any, methods: list | None) -> list[dict]:
-    """Load, let methods rewrite (training data only) and tokenize rows as the run's task wants them."""
-    ds = load_rows(source, split, max_samples)
+def tokenized_rows(spec: RunSpec, source: str, split: str, max_samples: int | None, tokenizer: Any, methods: list | None) -> tuple[list[dict], Path | None]:
+    """Load, let the data methods rewrite (training data only, on Ray Data, cached) and tokenize rows as the
+    run's task wants them; (rows, the prepared-data cache entry or None)."""
+    ds = training_source_rows(spec, split, max_samples) if methods is not None and spec.data.sources else load_rows(source, split, max_samples)
+    entry = None
     if methods:
-        ctx = Context(spec=spec, tokenizer=tokenizer)
-        for m in methods:
-            ds = m.prepare_data(ds, ctx)
-    return get_task(spec).tokenize(ds, tokenizer, f"{source}[{split}]")
+        ds, entry = prepare_training_data(spec, methods, ds, tokenizer)
+        source = f"{source} after prepare_data"
+    return get_task(spec).tokenize(ds, tokenizer, f"{source}[{split}]"), entry
 
 
-def prepare_rows(spec: RunSpec, methods: list) -> tuple[list[dict], list[dict]]:
-    """Tokenized training and evaluation rows; bad rows fail here, before any Ray work.
+def training_source_rows(spec: RunSpec, split: str, max_samples: int | None) -> datasets.Dataset:
+    """The rows of every `data.sources` entry, concatenated, with a `source` column naming each row's origin."""
+    parts = []
+    for source in spec.data.sources:
+        ds = load_rows(source, split, max_samples)
+        parts.append(ds.add_column("source", [source] * len(ds)) if "source" not in ds.column_names else ds)
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as e:
+        raise DataError(f"data.sources: the sources' columns differ ({e}); give them one format") from None
+
+
+def prepare_rows(spec: RunSpec, methods: list) -> tuple[list[dict], list[dict], Path | None]:
+    """Tokenized training and evaluation rows, and the prepared-data cache entry; bad rows fail here,
+    before the training run starts (data methods may run Ray Data first).
 
     A classification run without `task.num_labels` gets 1 + the largest label of either split, set
     on `spec` (so the workers and the saved spec agree).
@@ -76,9 +92,9 @@ def prepare_rows(spec: RunSpec, methods: list) -> tuple[list[dict], list[dict]]:
                   load_rows(eval_source, spec.data.eval_split, spec.data.eval_max_samples)]
         labels = [y for ds in splits if "label" in ds.column_names for y in ds["label"] if isinstance(y, int)]
         spec.task.num_labels = max(2, 1 + max(labels, default=1))  # bad or missing labels are reported by tokenize
-    train = tokenized_rows(spec, spec.data.source, spec.data.split, spec.data.max_samples, tokenizer, methods)
-    eval_rows = tokenized_rows(spec, eval_source, spec.data.eval_split, spec.data.eval_max_samples, tokenizer, None)
-    return train, eval_rows
+    train, entry = tokenized_rows(spec, spec.data.source, spec.data.split, spec.data.max_samples, tokenizer, methods)
+    eval_rows, _ = tokenized_rows(spec, eval_source, spec.data.eval_split, spec.data.eval_max_samples, tokenizer, None)
+    return train, eval_rows, entry
 
 
 def build_trainer(
@@ -135,7 +151,7 @@ def run(spec: RunSpec, recipe: str | None = None, evaluate: bool = False) -> Tra
     retrieval, the result's task metrics (`<metric>_after`).
     """
     methods = build_methods(spec.methods)
-    train, eval_rows = prepare_rows(spec, methods)
+    train, eval_rows, data_entry = prepare_rows(spec, methods)
     ensure_ray()
     name = run_name(spec, recipe)
     eval_args = {"source": spec.data.eval_source or spec.data.source, "split": spec.data.eval_split, "max_samples": spec.data.eval_max_samples}
@@ -145,6 +161,8 @@ def run(spec: RunSpec, recipe: str | None = None, evaluate: bool = False) -> Tra
     storage = storage_path(spec)
     run_dir = Path(storage) / name if "://" not in storage else f"{storage.rstrip('/')}/{name}"  # keep the URI's //
     ckpt = result.checkpoint.path if result.checkpoint else None
+    if "://" not in storage:
+        copy_report(data_entry, Path(run_dir))
     final = None
     if ckpt and "://" not in storage_path(spec):
         final = Path(ray.get(export_final.remote(spec.model_dump(mode="json"), ckpt, str(run_dir / "final"))))

@@ -194,7 +194,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False) -> tuple[tune.ResultGrid, i
     """
     check_resume(plan, resume)
     methods = build_methods(plan.spec.methods)
-    train, eval_rows = prepare_rows(plan.spec, methods)  # bad rows fail here, before Ray starts
+    train, eval_rows, _ = prepare_rows(plan.spec, methods)  # bad rows fail here, before Ray starts
     if plan.space.metric == "eval_loss" and not eval_rows:
         raise SpecError("data: the evaluation split is empty, but the sweep optimises eval_loss")
     max_steps = make_plan(plan.spec, len(train), plan.spec.scaling.num_workers, methods).max_steps

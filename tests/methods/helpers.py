@@ -53,3 +53,15 @@ def run_steps(model, entries: list, steps: int = 3, overrides: dict | None = Non
             m.on_step(model, opt, ctx)
         train_step(model, [random_batch(seed=step)], methods, opt, sched, ctx, amp=None)
     return model, methods, ctx
+
+
+def prepare(method, rows: list[dict], spec, tokenizer=None) -> tuple[list[dict], dict]:
+    """Run `method.prepare_data` on Ray Data over `rows` (as the pipeline does); (rows out in order, report)."""
+    import ray.data
+
+    from ftray.train.trainer import ensure_ray
+
+    ensure_ray()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ctx = Context(spec=spec, tokenizer=tokenizer)
+    return method.prepare_data(ray.data.from_items(rows), ctx).take_all(), ctx.report

@@ -116,3 +116,30 @@ def test_two_steps_on_classification_and_retrieval_give_finite_loss(name, task_t
     for m in methods:
         model = m.prepare_model(model, ctx)
     two_steps(model, methods, ctx, lambda step: _task_batch(task, tiny_tokenizer, step), task)
+
+
+DATA_METHODS = [n for n in NAMES if "prepare_data" in REGISTRY[n].hooks()]
+
+
+@pytest.mark.parametrize("name", DATA_METHODS)
+def test_prepare_data_on_32_rows_gives_valid_rows_a_report_and_then_the_cache(name, tiny_model_dir, tiny_tokenizer, tmp_path, ray_local):
+    """The method's bench data (or the default), 32 rows, the tiny random model: rows the task can tokenize,
+    the method's entry in data_report.json, and the same rows from the cache on a second call."""
+    import json
+
+    from ftray.data.prepare import REPORT, prepare_training_data
+    from ftray.train.trainer import training_source_rows
+
+    bench = copy.deepcopy(REGISTRY[name].bench)
+    data = {**bench.get("data", {}), "max_samples": 32, "max_len": 128}
+    methods_entry = next((m for m in bench.get("methods", []) if m["name"] == name), {"name": name})
+    spec = build_spec({"model": {"name": str(tiny_model_dir)}, "data": data, "task": bench.get("task", {}),
+                       "methods": [methods_entry], "output": {"dir": str(tmp_path)}})
+    d = spec.data
+    rows = training_source_rows(spec, d.split, d.max_samples) if d.sources else load_rows(d.source, d.split, d.max_samples)
+    logs = []
+    out, entry = prepare_training_data(spec, build_methods(spec.methods), rows, tiny_tokenizer, log=logs.append)
+    assert len(out) > 0 and get_task(spec).tokenize(out, tiny_tokenizer, "prepared")
+    assert name in json.loads((entry / REPORT).read_text())
+    again, entry2 = prepare_training_data(spec, build_methods(spec.methods), rows, tiny_tokenizer, log=logs.append)
+    assert entry2 == entry and "reusing the cache" in logs[-1] and again.to_list() == out.to_list()

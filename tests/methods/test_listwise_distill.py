@@ -11,6 +11,7 @@ from ftray.config import build_spec
 from ftray.data import DataError
 from ftray.methods import Context, build_methods
 from ftray.methods.listwise_distill import false_negative_mask, listwise_kl, own_columns
+from tests.methods.helpers import prepare
 
 TAU_R, TAU_KL = 0.05, 0.3
 
@@ -105,16 +106,16 @@ def test_permuting_candidates_within_a_list_leaves_both_losses_unchanged():
         torch.testing.assert_close(a, b_)
 
 
-def test_prepare_data_normalises_to_unit_range_and_filters_low_queries():
+def test_prepare_data_normalises_to_unit_range_and_filters_low_queries(ray_local):
     m, ctx = method_and_ctx()
     rows = [{"query": f"q{i}", "positive": "p", "negatives": ["n"] * 3, "teacher_scores": [float(i), i - 1.0, i - 2.0, i - 9.0]}
             for i in range(20)]
-    out = m.prepare_data(datasets.Dataset.from_list(rows), ctx)
-    assert 0 < len(out) < len(rows)  # the lowest-scoring queries were dropped
-    flat = [s for r in out["teacher_scores"] for s in r]
+    out, report = prepare(m, rows, ctx.spec)
+    assert 0 < len(out) < len(rows) and report["queries_dropped_low_teacher"] == len(rows) - len(out)  # lowest-scoring queries dropped
+    flat = [s for r in out for s in r["teacher_scores"]]
     assert min(flat) >= 0 and max(flat) <= 1 and max(flat) == 1.0
     with pytest.raises(DataError, match="teacher_scores"):
-        m.prepare_data(datasets.Dataset.from_list([{"query": "q", "positive": "p", "negatives": ["n"]}]), ctx)
+        prepare(m, [{"query": "q", "positive": "p", "negatives": ["n"]}], ctx.spec)
 
 
 def test_two_real_steps_lower_the_kl_on_a_tiny_bi_encoder(tiny_model_dir, tiny_tokenizer):

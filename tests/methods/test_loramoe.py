@@ -11,7 +11,7 @@ from ftray.methods import Context, build_methods
 from ftray.methods.loramoe import LoraMoeLinear, lbc_loss
 from ftray.train.loop import train_step
 from ftray.train.optim import build_optimizer, build_scheduler
-from tests.methods.helpers import FakeTok, run_steps, tiny_llama
+from tests.methods.helpers import FakeTok, prepare, run_steps, tiny_llama
 
 IDS = torch.arange(3, 19).unsqueeze(0)
 
@@ -95,17 +95,18 @@ def test_localized_balancing_splits_the_groups_by_task_type():
     assert abs(downstream0 - cbqa0) < (downstream - cbqa) / 2
 
 
-def test_mix_source_rows_get_task_types_in_the_training_format():
+def test_mix_source_rows_get_task_types_in_the_training_format(ray_local):
     spec = build_spec({"data": {"source": "bundled:factual_qa", "max_samples": 3},
                        "methods": [{"name": "loramoe", "task_type": 1, "mix_source": "bundled:arithmetic", "mix_samples": 2,
                                     "mix_task_type": 0}]})
     (method,) = build_methods(spec.methods)
-    from ftray.data import detect_format, load_rows
+    from ftray.data import load_rows
+    from ftray.data.formats import format_of_columns
 
-    ds = method.prepare_data(load_rows("bundled:factual_qa", max_samples=3), Context(spec=spec, tokenizer=None))
-    assert detect_format(ds) == "prompt_completion"
-    assert ds["task_type"] == [1, 1, 1, 0, 0]
-    assert "The answer is" in ds[3]["completion"]  # an arithmetic row rewritten as prompt/completion
+    rows, report = prepare(method, load_rows("bundled:factual_qa", max_samples=3).to_list(), spec)
+    assert format_of_columns(rows[0]) == "prompt_completion"
+    assert sorted(r["task_type"] for r in rows) == [0, 0, 1, 1, 1] and report["rows_task_type"] == {"1": 3, "0": 2}
+    assert all("The answer is" in r["completion"] for r in rows if r["task_type"] == 0)  # arithmetic rows rewritten as prompt/completion
     with pytest.raises(ValueError, match="cannot be written"):
         spec2 = build_spec({"methods": [{"name": "loramoe", "mix_source": "bundled:factual_qa"}]})
-        build_methods(spec2.methods)[0].prepare_data(load_rows("bundled:arithmetic", max_samples=2), Context(spec=spec2, tokenizer=None))
+        prepare(build_methods(spec2.methods)[0], load_rows("bundled:arithmetic", max_samples=2).to_list(), spec2)

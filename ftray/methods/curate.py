@@ -1,0 +1,1 @@
+"""curate — placeholder (issue 11, in progress)."""

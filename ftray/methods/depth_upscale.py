@@ -1,0 +1,1 @@
+"""depth_upscale — placeholder (issue 11, in progress)."""

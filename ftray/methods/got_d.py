@@ -1,0 +1,1 @@
+"""got_d — placeholder (issue 11, in progress)."""

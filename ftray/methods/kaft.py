@@ -1,0 +1,1 @@
+"""kaft — placeholder (issue 11, in progress)."""

@@ -1,0 +1,1 @@
+"""manyicl — placeholder (issue 11, in progress)."""

@@ -1,0 +1,1 @@
+"""metacognition — placeholder (issue 11, in progress)."""

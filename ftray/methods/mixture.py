@@ -1,0 +1,1 @@
+"""mixture — placeholder (issue 11, in progress)."""

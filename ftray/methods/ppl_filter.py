@@ -1,0 +1,1 @@
+"""ppl_filter — placeholder (issue 11, in progress)."""

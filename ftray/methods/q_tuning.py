@@ -1,0 +1,1 @@
+"""q_tuning — placeholder (issue 11, in progress)."""

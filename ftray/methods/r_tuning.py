@@ -1,0 +1,1 @@
+"""r_tuning — placeholder (issue 11, in progress)."""

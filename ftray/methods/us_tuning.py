@@ -1,0 +1,1 @@
+"""us_tuning — placeholder (issue 11, in progress)."""
