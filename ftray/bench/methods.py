@@ -16,10 +16,11 @@ step and forward passes per micro-batch. Writes `methods.json`, `methods.md` and
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ftray.config import build_spec
 from ftray.eval import evaluate_on_ray
@@ -90,6 +91,7 @@ def run_one(name: str, model: str, steps: int, out: Path, eval_n: int, workers: 
         "baseline": REGISTRY[name].baseline if name != BASELINE else "–", "train_wall_s": round(wall, 1),
         "trainable": trainable["trainable"], "total": trainable["total"], "peak_rss_mb_rank0": round(peak),
         "s_per_step": round(median(gaps), 3) if gaps else None,
+        "train_tokens": sum(r.get("tokens", 0) for r in steps_logged) * spec.scaling.num_workers,  # real (unpadded) tokens seen
         "forwards_per_batch": median([r["forwards_per_batch"] for r in steps_logged if "forwards_per_batch" in r]),
         **score(str(result.final_dir), eval_n, spec.task.type), "spec": raw,
     }
@@ -136,10 +138,22 @@ def prompt_spread(model_ref: str, eval_n: int, out: Path) -> dict[str, float]:
     return {"arith_em_rephrased": ems, "arith_em_spread": max(ems) - min(ems), "arith_em_std": statistics.pstdev(ems)}
 
 
-def add_prompt_spread(row: dict[str, Any], eval_n: int, out: Path) -> dict[str, Any]:
-    """`row` with its prompt spread measured (once; stored in its cached row file)."""
-    if "arith_em_spread" not in row:
-        row.update(prompt_spread(str(out / "runs" / row.get("run", row["method"]) / "final"), eval_n, out))
+def metric_function(name: str) -> Callable[[str, int, Path], dict[str, Any]]:
+    """A method's extra bench measurement: "prompt_spread" or a "package.module:function" path; the function
+    takes (final checkpoint dir, eval_n, bench out dir) and returns the row's extra columns."""
+    if name == "prompt_spread":
+        return prompt_spread
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def add_metric(row: dict[str, Any], metric: str, eval_n: int, out: Path) -> dict[str, Any]:
+    """`row` with `metric` measured on its final checkpoint (once; stored in its cached row file)."""
+    done = row.setdefault("extra_metrics", {})
+    if metric not in done:
+        values = metric_function(metric)(str(out / "runs" / row.get("run", row["method"]) / "final"), eval_n, out)
+        row.update(values)
+        done[metric] = sorted(values)
         (out / "rows" / f"{row.get('run', row['method'])}.json").write_text(json.dumps(row, indent=2))
     return row
 
@@ -170,6 +184,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "| method | EM per rephrasing | spread (max − min) | std |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {r['method']} | {', '.join(f'{e:.2f}' for e in r['arith_em_rephrased'])} | {r['arith_em_spread']:.2f} "
                   f"| {r['arith_em_std']:.3f} |" for r in spread]
+    lines += extra_lines(report, by_name)
     lines += cost_lines(report, by_name)
     for task, keys in TASK_METRICS.items():
         rows = [r for r in report["rows"] if r.get("task") == task]
@@ -186,6 +201,22 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r.get('run', r['method'])} | {r['data']} | {r.get('baseline_run') or '–'} | {' | '.join(cells)} "
                          f"| {r.get('s_per_step')}{ratio} | {r.get('forwards_per_batch')} |")
     return "\n".join(lines) + "\n"
+
+
+def extra_lines(report: dict[str, Any], by_name: dict[str, Any]) -> list[str]:
+    """One table per extra measurement (a method's `bench_metrics`): the method's value, then its baseline's."""
+    lines: list[str] = []
+    for r in report["rows"]:
+        base = by_name.get(r.get("baseline_run") or "") or by_name.get(REGISTRY[r["method"]].baseline)
+        for metric, keys in (r.get("extra_metrics") or {}).items():
+            if metric == "prompt_spread" or not isinstance(r.get("extra_metrics"), dict) or r["method"] == BASELINE:
+                continue
+            scalar = [k for k in keys if isinstance(r.get(k), (int, float))]
+            lines += ["", f"{r.get('run', r['method'])}: {metric} (method / baseline {r.get('baseline_run') or r['baseline']})", "",
+                      "| " + " | ".join(scalar) + " |", "|" + " ---: |" * len(scalar),
+                      "| " + " | ".join(f"{r[k]:.3f} / {base[k]:.3f}" if base and isinstance(base.get(k), (int, float)) else f"{r[k]:.3f}"
+                                        for k in scalar) + " |"]
+    return lines
 
 
 def cost_lines(report: dict[str, Any], by_name: dict[str, Any]) -> list[str]:
@@ -252,9 +283,9 @@ def main(methods: list[str], steps: int = 40, out_dir: str = "bench_results", mo
             if not same and base_run not in [r.get("run") for r in report["rows"]]:
                 report["rows"].append(run_one(base_run.split("@")[0], model, steps, out, eval_n, workers, base_raw))
         row = {**run_one(name, model, steps, out, eval_n, workers, raw), "baseline_run": base_run}
-        if "prompt_spread" in REGISTRY[name].bench_metrics:  # for the method and the baseline it is compared with
-            add_prompt_spread(row, eval_n, out)
-            add_prompt_spread(next(r for r in report["rows"] if r.get("run", r["method"]) == base_run), eval_n, out)
+        for metric in REGISTRY[name].bench_metrics:  # for the method and the baseline it is compared with
+            add_metric(row, metric, eval_n, out)
+            add_metric(next(r for r in report["rows"] if r.get("run", r["method"]) == base_run), metric, eval_n, out)
         report["rows"].append(row)
         (out / "methods.json").write_text(json.dumps(report, indent=2))  # keep partial results
     (out / "methods.md").write_text(markdown(report))

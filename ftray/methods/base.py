@@ -83,8 +83,10 @@ class Method:
     incompatible: ClassVar[tuple[str, ...]] = ()  # registry names this method cannot run with
     baseline: ClassVar[str] = "full"  # what `ftray bench methods` compares it with: "full" (plain SFT) or "lora"
     tasks: ClassVar[tuple[str, ...]] = ("causal_lm",)  # the task types (spec.task.type) it supports
-    bench: ClassVar[dict[str, Any]] = {}
-    bench_metrics: ClassVar[tuple[str, ...]] = ()  # extra `ftray bench methods` measurements (e.g. "prompt_spread")  # run-spec overrides for its `ftray bench methods` run (e.g. {"train": {"lr": 1e-3}})
+    bench: ClassVar[dict[str, Any]] = {}  # run-spec overrides for its `ftray bench methods` run (e.g. {"train": {"lr": 1e-3}})
+    # extra `ftray bench methods` measurements, for it and its baseline: "prompt_spread" or "module:function"
+    # (function(final_dir, eval_n, out_dir) -> row columns; see ftray.bench.methods.metric_function)
+    bench_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
