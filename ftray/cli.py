@@ -229,6 +229,20 @@ def bench_methods(
     main(names, steps=steps, out_dir=out, model=model, eval_n=eval_n, workers=workers)
 
 
+@bench_app.command("data-throughput")
+def bench_data_throughput(
+    rows: int = typer.Option(2000, help="Rows scored by each contender."),
+    tokens: int = typer.Option(128, help="Tokens per row."),
+    batch_size: int = typer.Option(16, help="Rows per forward pass (both contenders)."),
+    out: str = typer.Option("bench_results", help="Directory for JSON and markdown."),
+    model: str = typer.Option("smollm2-135m"),
+) -> None:
+    """Perplexity scoring through ftray's Ray Data path vs a plain batched loop: rows/s, start-up, identical scores."""
+    from ftray.bench.data_throughput import main
+
+    main(rows=rows, tokens=tokens, batch_size=batch_size, out_dir=out, model=model)
+
+
 @bench_app.command("train-throughput")
 def bench_train_throughput(
     steps: int = typer.Option(20, help="Timed optimizer steps per contender."),

@@ -122,7 +122,7 @@ def _run_methods(spec: RunSpec, methods: list[Method], table: pa.Table, tokenize
     ensure_ray()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded methods see a fixed order
     start = time.perf_counter()
-    ds = ray.data.from_arrow(table)
+    ds = ray.data.from_arrow(blocks_of(table, spec.data.infer_batch_size * 4))
     reports: dict[str, dict] = {}
     for m in methods:
         ctx = Context(spec=spec, tokenizer=tokenizer, report={})
@@ -134,6 +134,13 @@ def _run_methods(spec: RunSpec, methods: list[Method], table: pa.Table, tokenize
         raise DataError(f"prepare_data ({', '.join(m.name for m in methods)}) left no training rows out of {table.num_rows}")
     out = pa.concat_tables(blocks, promote_options="permissive")
     return out, reports, time.perf_counter() - start
+
+
+def blocks_of(table: pa.Table, rows: int, max_blocks: int = 200) -> list[pa.Table]:
+    """`table` cut into blocks of `rows` rows (at most `max_blocks`), so every inference actor gets work and
+    batches stay aligned with block boundaries (the same rows per batch as a plain loop over the table)."""
+    rows = max(rows, -(-table.num_rows // max_blocks))
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
 
 
 def _write_entry(entry: Path, table: pa.Table, manifest: dict, reports: dict) -> None:
