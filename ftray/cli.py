@@ -109,25 +109,45 @@ def soup(
 
 @app.command()
 def merge(
-    method: str = typer.Argument(..., help="task-arithmetic | lines | sparse-diff (any registered merge method)."),
-    base: str = typer.Argument(..., help="The base model the checkpoints were fine-tuned from (dir or alias)."),
-    checkpoints: list[str] = typer.Argument(..., help="Fine-tuned checkpoint dirs (adapters are merged into the base); "
-                                            "sparse-diff also takes sparse_diff.safetensors files."),
+    method: str = typer.Argument(..., help="task-arithmetic | lines | sparse-diff | depth-upscale (any registered merge method)."),
+    base: Optional[str] = typer.Argument(None, help="The base model the checkpoints were fine-tuned from (dir or alias); "
+                                         "for depth-upscale, the one model to make deeper."),
+    checkpoints: Optional[list[str]] = typer.Argument(None, help="Fine-tuned checkpoint dirs (adapters are merged into the base); "
+                                                      "sparse-diff also takes sparse_diff.safetensors files."),
     out: str = typer.Option(..., "--out", help="Output checkpoint dir (written atomically)."),
     scale: Optional[float] = typer.Option(None, help="task-arithmetic: λ on the summed task vectors (default 1)."),
     alpha: Optional[float] = typer.Option(None, help="lines: scale of the first block and non-block weights (default 1/T, or 0.1 for one checkpoint)."),
     beta: Optional[float] = typer.Option(None, help="lines: added scale at the last block (default 1−α for one checkpoint, else 0.5)."),
     threshold: Optional[float] = typer.Option(None, help="sparse-diff: for a full checkpoint without an exported φ, drop |θ−θ⁰| ≤ this (default 1e-7)."),
+    depth_upscale: bool = typer.Option(False, "--depth-upscale", help="Same as the method depth-upscale: `ftray merge --depth-upscale MODEL --out DIR`."),
+    block: Optional[str] = typer.Option(None, help="depth-upscale: the layers s,e to duplicate (0-based, e exclusive; default: chosen by cosine)."),
+    n_layers: Optional[int] = typer.Option(None, help="depth-upscale: layers to duplicate when choosing by cosine (default half)."),
+    zero_copies: bool = typer.Option(False, "--zero-copies", help="depth-upscale: zero the copies' o_proj/down_proj (output equals the original's)."),
+    calibration_rows: Optional[int] = typer.Option(None, help="depth-upscale: calibration rows for the cosine criterion (default 32)."),
 ) -> None:
-    """Merge task vectors (checkpoint − base): task arithmetic, LiNeS layer scaling, or LT-SFT sparse-diff composition."""
+    """Merge task vectors (checkpoint − base): task arithmetic, LiNeS layer scaling, LT-SFT sparse-diff composition;
+    or make one model deeper (depth-upscale: `ftray merge depth-upscale MODEL --out DIR [--block s,e | --n-layers N]`)."""
     from ftray.merge import MergeError, merge_checkpoints
 
-    params = {k: v for k, v in {"scale": scale, "alpha": alpha, "beta": beta, "threshold": threshold}.items() if v is not None}
+    refs = [r for r in [method, base, *(checkpoints or [])] if r]
+    method = "depth-upscale" if depth_upscale else refs.pop(0)
     try:
-        path = merge_checkpoints(method, checkpoints, out, base=base, **params)
+        upscale = {"block": [int(x) for x in block.split(",")] if block else None, "n_layers": n_layers,
+                   "zero_copies": zero_copies or None, "calibration_rows": calibration_rows}
+    except ValueError:
+        _fail(f"--block {block}: expected two layer indices s,e such as 11,19")
+    params = {k: v for k, v in {"scale": scale, "alpha": alpha, "beta": beta, "threshold": threshold, **upscale}.items() if v is not None}
+    try:
+        if method.replace("-", "_") == "depth_upscale":  # one model in, no base: the model is the only ingredient
+            path, base = merge_checkpoints(method, refs, out, **params), None
+        elif not refs:
+            _fail(f"{method}: give the base model and then the checkpoints: ftray merge {method} BASE CHECKPOINT... --out DIR")
+        else:
+            base, *refs = refs
+            path = merge_checkpoints(method, refs, out, base=base, **params)
     except (MergeError, ValueError, OSError) as err:
         _fail(f"error: {err}")
-    typer.echo(json.dumps({"out": str(path), "method": method, "base": base, "checkpoints": checkpoints, **params}, indent=2))
+    typer.echo(json.dumps({"out": str(path), "method": method, "base": base, "checkpoints": refs, **params}, indent=2))
 
 
 @app.command("eval")

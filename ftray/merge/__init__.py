@@ -13,6 +13,6 @@ from ftray.merge.registry import MERGES, MergeConfig, MergeMethod, register
 from ftray.merge.run import merge_checkpoints
 
 # The one list of merge method modules; importing registers them.
-from ftray.merge import lines, sparse_diff, task_arithmetic, uniform  # noqa: E402,F401  isort: skip
+from ftray.merge import depth_upscale, lines, sparse_diff, task_arithmetic, uniform  # noqa: E402,F401  isort: skip
 
 __all__ = ["MERGES", "MergeConfig", "MergeError", "MergeMethod", "check_compatible", "describe", "merge_checkpoints", "register"]
