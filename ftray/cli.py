@@ -1,4 +1,4 @@
-"""The `ftray` command line: train, tune, soup, merge, eval, methods, data, bench."""
+"""The `ftray` command line: train, tune, soup, merge, eval, methods, data, bench, analyze."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Bundled datasets.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks with ratios against baselines measured in the same run.")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+analyze_app = typer.Typer(no_args_is_help=True, help="What fine-tuning changed in a model: attributions, FFN concepts.")
+app.add_typer(analyze_app, name="analyze")
 
 SET_HELP = "Override a field: --set train.lr=1e-4 --set methods.0.r=16 (repeatable)."
 
@@ -308,6 +310,29 @@ def bench_serve_throughput(
     levels = [int(c) for c in clients.split(",") if c.strip()]
     names = None if contenders == "all" else [c.strip() for c in contenders.split(",") if c.strip()]
     main(out_dir=out, model=model, max_tokens=max_tokens, levels=levels, rounds=rounds, contenders=names)
+
+
+@analyze_app.command("shift")
+def analyze_shift(
+    base: str = typer.Argument(..., help="The base model: alias, model directory or checkpoint."),
+    tuned: str = typer.Argument(..., help="Its tuned version: alias, model directory or checkpoint (adapters are merged)."),
+    out: str = typer.Option("shift_report", "--out", help="Directory for report.md, heatmap.png and results.json."),
+    n: int = typer.Option(20, "--n", min=2, help="Prompts (from the bundled set or --prompts)."),
+    max_response_tokens: int = typer.Option(32, "--max-response-tokens", min=1, help="Response tokens per prompt (one backward pass each)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="jsonl of {id, group, prompt, instruction: [substrings]}."),
+    chat_template: str = typer.Option("auto", "--chat-template", help="auto | chatml | llama3 | alpaca | plain, as data.chat_template."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+) -> None:
+    """Behaviour shift after instruction tuning: IFA attribution to instruction words (Welch test), FFN concepts."""
+    from ftray.analyze.shift import shift
+    from ftray.models import ModelLoadError
+
+    try:
+        summary = shift(base, tuned, out, n=n, max_response_tokens=max_response_tokens, prompts=prompts,
+                        chat_template=chat_template, threads=threads)
+    except (ModelLoadError, ValueError, OSError) as err:
+        _fail(f"error: {err}")
+    typer.echo(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

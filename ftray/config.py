@@ -46,9 +46,15 @@ class TaskSpec(_Section):
 
 class DataSpec(_Section):
     source: str = Field("bundled:arithmetic", description="'bundled:<name>', a jsonl/json/csv/parquet path, or a datasets id.")
-    format: Literal["auto", "chat", "prompt_completion", "cot", "classification", "retrieval"] = Field(
-        "auto", description="Row layout; 'auto' detects it from the columns."
+    format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "cot", "classification", "retrieval"] = Field(
+        "auto", description="Row layout; 'auto' detects it from the columns. alpaca and sharegpt rows become chat messages."
     )
+    chat_template: Literal["auto", "chatml", "llama3", "alpaca", "plain"] = Field(
+        "auto", description="How messages become text (training and generation alike): 'auto' = the tokenizer's own "
+        "template, else ChatML; or a named one ('plain' = prompt lines then reply + eos, the old template-less layout)."
+    )
+    train_on_prompt: bool = Field(False, description="Put labels on every token (prompt and template markup too), "
+                                  "not only on the assistant replies and their end-of-turn tokens.")
     split: str = Field("train", description="Split used for training.")
     eval_source: str | None = Field(None, description="Source for evaluation; defaults to `source`.")
     eval_split: str = Field("test", description="Split used for evaluation.")

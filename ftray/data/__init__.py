@@ -1,7 +1,7 @@
 """ftray's data layer: load rows, recognise their format, tokenize with masked prompts and spans, batch and pack.
 
     ds = load_rows("bundled:arithmetic")                  # or a .jsonl/.json/.csv/.parquet, a dir, a HF id
-    fmt = detect_format(ds)                               # chat | prompt_completion | cot | classification
+    fmt = detect_format(ds)                               # chat | alpaca | sharegpt | prompt_completion | cot | classification
     tok = tokenize_dataset(ds, tokenizer, fmt, max_len=512, source_name="bundled:arithmetic")
     batch = collate(tok.to_list()[:8], pad_id=tokenizer.pad_token_id)    # or collate_packed(pack(...), ...)
 """

@@ -1,13 +1,18 @@
-"""Row formats (chat, prompt/completion, chain-of-thought, classification): detection, validation, chat layout.
+"""Row formats (chat, Alpaca, ShareGPT, prompt/completion, chain-of-thought, classification): detection,
+validation, and normalisation to one chat `messages` schema.
 
-| format            | fields                          | assistant reply                          |
-| ----------------- | ------------------------------- | ---------------------------------------- |
-| chat              | messages [{role, content}, ...] | the final assistant message              |
-| prompt_completion | prompt, completion              | completion                               |
-| cot               | question, rationale, answer     | "{rationale}\\nThe answer is {answer}."   |
-| classification    | text, label (int), label_name   | label_name                               |
+| format            | fields                                            | assistant reply(s)                        |
+| ----------------- | ------------------------------------------------- | ----------------------------------------- |
+| chat              | messages [{role, content}, ...] (OpenAI)          | every assistant message (ends with one)   |
+| alpaca            | instruction, input (optional), output             | output                                    |
+| sharegpt          | conversations [{from: human|gpt|system, value}]   | every gpt turn (ends with one)            |
+| prompt_completion | prompt, completion                                | completion                                |
+| cot               | question, rationale, answer                       | "{rationale}\\nThe answer is {answer}."    |
+| classification    | text, label (int), label_name                     | label_name                                |
 
-Any format may carry an optional `system` string, sent as a system message first.
+Alpaca's user turn is the instruction, then a blank line and the input when the input is not empty
+(an empty input adds no block). Any format but chat and sharegpt may carry an optional `system`
+string, sent as a system message first.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ from ftray.data.errors import DataError, row_error
 
 FORMATS: dict[str, dict[str, type]] = {
     "chat": {"messages": list},
+    "alpaca": {"instruction": str, "output": str},
+    "sharegpt": {"conversations": list},
     "cot": {"question": str, "rationale": str, "answer": str},
     "prompt_completion": {"prompt": str, "completion": str},
     "classification": {"text": str, "label": int, "label_name": str},
 }
 # the columns that identify each format, in the order detection tries them
-_SIGNATURES = [("chat", {"messages"}), ("cot", {"question", "rationale", "answer"}),
-               ("prompt_completion", {"prompt", "completion"}), ("classification", {"text", "label"})]
+_SIGNATURES = [("chat", {"messages"}), ("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
+               ("cot", {"question", "rationale", "answer"}), ("prompt_completion", {"prompt", "completion"}),
+               ("classification", {"text", "label"})]
 ROLES = {"system", "user", "assistant"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 ANSWER_PREFIX = "\nThe answer is "
 
 
@@ -38,13 +47,14 @@ def format_of_columns(columns: Iterable[str]) -> str | None:
 
 
 def detect_format(ds: datasets.Dataset, source: str = "data") -> str:
-    """'chat' | 'cot' | 'prompt_completion' | 'classification', from the dataset's columns."""
+    """'chat' | 'sharegpt' | 'alpaca' | 'cot' | 'prompt_completion' | 'classification', from the dataset's columns."""
     fmt = format_of_columns(ds.column_names)
     if fmt is None:
         raise DataError(
             f"{source}: cannot tell the data format from its columns {ds.column_names}; expected messages (chat), "
-            "prompt + completion (prompt_completion), question + rationale + answer (cot) or text + label "
-            "(classification). Rename the columns or set data.format and map them in a method's prepare_data."
+            "conversations (sharegpt), instruction + output (alpaca), prompt + completion (prompt_completion), "
+            "question + rationale + answer (cot) or text + label (classification). Rename the columns or set "
+            "data.format and map them in a method's prepare_data."
         )
     return fmt
 
@@ -65,9 +75,9 @@ def _check_field(row: dict, field: str, kind: type, fmt: str) -> str | None:
     return None
 
 
-def _check_messages(messages: list) -> str | None:
+def _check_messages(messages: list, field: str = "messages") -> str | None:
     if len(messages) < 2:
-        return "'messages' needs at least one prompt message before the final assistant message"
+        return f"'{field}' needs at least one prompt message before the final assistant message"
     for j, m in enumerate(messages, 1):
         if not isinstance(m, dict):
             return f"message {j} must be an object with 'role' and 'content', got {type(m).__name__}"
@@ -82,6 +92,23 @@ def _check_messages(messages: list) -> str | None:
     return None
 
 
+def _check_conversations(turns: list) -> str | None:
+    if len(turns) < 2:
+        return "'conversations' needs at least one prompt turn before the final gpt turn"
+    for j, t in enumerate(turns, 1):
+        if not isinstance(t, dict):
+            return f"turn {j} must be an object with 'from' and 'value', got {type(t).__name__}"
+        if t.get("from") not in SHAREGPT_ROLES:
+            return f"turn {j} has 'from' {t.get('from')!r}; ShareGPT speakers are {', '.join(SHAREGPT_ROLES)}"
+        if not isinstance(t.get("value"), str):
+            return f"turn {j} ('{t['from']}') must have a string 'value', got {type(t.get('value')).__name__}"
+    if turns[-1]["from"] != "gpt":
+        return f"the last turn must be the gpt reply, got from '{turns[-1]['from']}'"
+    if not turns[-1]["value"].strip():
+        return "the final gpt turn is empty"
+    return None
+
+
 def row_problem(row: dict, fmt: str) -> str | None:
     """What is wrong with one row for `fmt`, or None when it is valid."""
     for field, kind in FORMATS[fmt].items():
@@ -90,6 +117,10 @@ def row_problem(row: dict, fmt: str) -> str | None:
             return problem
     if fmt == "chat":
         return _check_messages(row["messages"])
+    if fmt == "sharegpt":
+        return _check_conversations(row["conversations"])
+    if fmt == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
+        return f"field 'input' must be a string (or empty), got {type(row['input']).__name__}"
     if row.get("system") is not None and not isinstance(row["system"], str):
         return f"field 'system' must be a string, got {type(row['system']).__name__}"
     return None
@@ -109,6 +140,16 @@ def _system(row: dict) -> list[dict]:
     return [{"role": "system", "content": row["system"]}] if row.get("system") else []
 
 
+def _sharegpt_messages(turns: list[dict]) -> list[dict]:
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
+def alpaca_prompt(row: dict) -> str:
+    """The user turn of an Alpaca row: the instruction, plus a blank line and the input when it is not empty."""
+    extra = (row.get("input") or "").strip()
+    return f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
+
+
 def classification_prompt(row: dict) -> str:
     """The user turn of a classification row; lists the label names when the row carries 'options'."""
     options = row.get("options")
@@ -117,9 +158,11 @@ def classification_prompt(row: dict) -> str:
 
 
 def to_messages(row: dict, fmt: str) -> tuple[list[dict], dict[str, tuple[int, int]]]:
-    """Chat messages for a valid row, and {'rationale'|'answer': (start, end)} character spans in the reply."""
+    """Chat messages for a valid row, and {'rationale'|'answer': (start, end)} character spans in the final reply."""
     if fmt == "chat":
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]], {}
+    if fmt == "sharegpt":
+        return _sharegpt_messages(row["conversations"]), {}
     if fmt == "cot":
         rationale, answer = row["rationale"], row["answer"].rstrip(".")
         reply = f"{rationale}{ANSWER_PREFIX}{answer}."
@@ -129,6 +172,8 @@ def to_messages(row: dict, fmt: str) -> tuple[list[dict], dict[str, tuple[int, i
                                {"role": "assistant", "content": reply}], spans
     if fmt == "prompt_completion":
         prompt, reply = row["prompt"], row["completion"]
+    elif fmt == "alpaca":
+        prompt, reply = alpaca_prompt(row), row["output"]
     elif fmt == "classification":
         prompt, reply = classification_prompt(row), row["label_name"]
     else:

@@ -8,18 +8,21 @@ import ray
 import torch
 
 from ftray.data import detect_format, load_rows, tokenize_dataset
+from ftray.data.templates import use_chat_template
 from ftray.eval.generate import exact_match, perplexity
 from ftray.eval.loading import load_checkpoint, task_of
 from ftray.eval.tasks import evaluate_task
 
 
 def evaluate(model_ref: str, source: str | None = None, split: str = "test", max_samples: int | None = 200,
-             max_new_tokens: int = 96, max_len: int = 512, threads: int | None = None, prompt_prefix: str = "") -> dict[str, Any]:
+             max_new_tokens: int = 96, max_len: int = 512, threads: int | None = None, prompt_prefix: str = "",
+             chat_template: str | None = None) -> dict[str, Any]:
     """Exact match (generation) and perplexity of `model_ref` (checkpoint dir, path or alias) on a split.
 
     `prompt_prefix` goes before every rendered prompt (a UL2 mode token such as "[S2S]", see
     `ftray.methods.ul2.mode_prompt`). Classification and retrieval checkpoints get their task's
-    metrics instead (`ftray.eval.tasks`).
+    metrics instead (`ftray.eval.tasks`). `chat_template` (a `data.chat_template` name) overrides the one
+    the checkpoint was trained with, e.g. to score a base model as its fine-tuned version will be prompted.
     """
     if task_of(model_ref)[0] != "causal_lm":
         return evaluate_task(model_ref, source, split, max_samples, threads)
@@ -27,6 +30,8 @@ def evaluate(model_ref: str, source: str | None = None, split: str = "test", max
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_checkpoint(model_ref)
+    if chat_template:
+        use_chat_template(tokenizer, chat_template)
     ds = load_rows(source, split, max_samples)
     fmt = detect_format(ds)
     rows = ds.to_list()

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ftray.data import collate, extract_answer, format_prompt, normalize_answer, reference_answer, render_prompt
+from ftray.data.templates import cut_at_stop, stop_strings
 from ftray.models import default_autocast_dtype
 from ftray.train.loss import forward_and_loss
 
@@ -20,14 +21,17 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_toke
     model.eval()
     amp = default_autocast_dtype(model.device.type)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    stops = stop_strings(tokenizer)  # a named template's end-of-turn text that is not the eos token (ChatML on a base model)
     outputs = []
     try:
         for i in range(0, len(prompts), batch_size):
             texts = [prefix + render_prompt(p, tokenizer) for p in prompts[i : i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                     **({"stop_strings": stops, "tokenizer": tokenizer} if stops else {}))
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            outputs += [cut_at_stop(t, stops) for t in texts]
     finally:
         tokenizer.padding_side = side
     return outputs

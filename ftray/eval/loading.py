@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from transformers import AutoTokenizer
 
+from ftray.data.templates import use_chat_template
 from ftray.models import load_model, load_tokenizer
 
 
@@ -29,10 +30,22 @@ def task_of(path: str | Path) -> tuple[str, dict[str, Any]]:
     return kind, ({"num_labels": task["num_labels"]} if kind == "classification" and task.get("num_labels") else {})
 
 
+def chat_template_of(path: str | Path) -> str:
+    """The `data.chat_template` a checkpoint was trained with ('auto' for anything else)."""
+    spec_file = Path(path) / "ftray_spec.yaml"
+    data = (yaml.safe_load(spec_file.read_text()).get("data") or {}) if spec_file.exists() else {}
+    return data.get("chat_template", "auto")
+
+
 def load_checkpoint_tokenizer(path: str | Path) -> Any:
-    """The tokenizer `load_checkpoint` would return, without loading any weights."""
+    """The tokenizer `load_checkpoint` would return, without loading any weights.
+
+    Its chat template is the one the checkpoint was trained with (`use_chat_template`), so generation,
+    serving and held-out scoring render prompts exactly as training did.
+    """
     p = Path(path)
-    return AutoTokenizer.from_pretrained(p) if (p / "adapter_config.json").exists() else load_tokenizer(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(p) if (p / "adapter_config.json").exists() else load_tokenizer(str(path))
+    return use_chat_template(tokenizer, chat_template_of(p))
 
 
 def load_checkpoint(path: str | Path, merge: bool = True) -> tuple[Any, Any]:

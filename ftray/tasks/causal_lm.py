@@ -30,7 +30,12 @@ class CausalLM:
         """Rows → input_ids/labels/span_ids (packed when data.packing)."""
         d = self.spec.data
         fmt = detect_format(ds, source) if d.format == "auto" else d.format
-        rows = tokenize_dataset(ds, tokenizer, fmt, d.max_len, source_name=source).to_list()
+        rows = tokenize_dataset(ds, tokenizer, fmt, d.max_len, source_name=source, chat_template=d.chat_template,
+                                train_on_prompt=d.train_on_prompt).to_list()
+        if "label_keep" in ds.column_names:  # token pruning by a data method (Q-Tuning): a mask over the label tokens
+            from ftray.methods.q_tuning import apply_label_keep
+
+            rows = apply_label_keep(rows, ds["label_keep"])
         return pack(rows, d.max_len) if d.packing else rows
 
     def collate(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

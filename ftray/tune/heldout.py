@@ -56,12 +56,15 @@ def tokenizer_of(ref: str) -> Any:
 
     from ftray.models import load_tokenizer
 
+    from ftray.data.templates import use_chat_template
+    from ftray.eval.loading import chat_template_of
+
     if not (Path(ref) / "tokenizer_config.json").exists():
         return load_tokenizer(ref)
     tokenizer = AutoTokenizer.from_pretrained(ref)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # what load_tokenizer does for models without one
-    return tokenizer
+    return use_chat_template(tokenizer, chat_template_of(ref))  # score with the template the checkpoint was trained with
 
 
 def load_held_out(source: str, split: str, max_samples: int | None, tokenizer: Any, metric: Score = "loss",

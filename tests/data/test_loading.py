@@ -143,10 +143,11 @@ def test_mixed_types_in_an_unchecked_column_name_the_row(tmp_path: Path) -> None
 
 
 def test_unknown_format_lists_the_columns(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "x.jsonl", [{"instruction": "hi", "output": "hello"}])
+    # (instruction + output is Alpaca now; query + response is no format)
+    path = write_jsonl(tmp_path / "x.jsonl", [{"query": "hi", "response": "hello"}])
     ds = load_rows(str(path))  # loading does not need a format; using it does
     with pytest.raises(DataError, match=r"x.jsonl: cannot tell the data format from its columns "
-                                        r"\['instruction', 'output'\]"):
+                                        r"\['query', 'response'\]"):
         detect_format(ds, source=str(path))
 
 

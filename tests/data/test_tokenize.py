@@ -1,4 +1,4 @@
-"""tokenize_dataset: loss only on the reply (+ end of turn), span ids, truncation, template fallbacks."""
+"""tokenize_dataset: loss only on the replies (+ end of turn), span ids, truncation, template fallbacks."""
 
 from __future__ import annotations
 
@@ -88,21 +88,39 @@ def test_system_turn_is_masked(tiny_tokenizer) -> None:
     assert tiny_tokenizer.decode(t["input_ids"]).startswith("<|im_start|>system\nAnswer in one word.")
 
 
-def test_multi_turn_chat_learns_only_the_final_reply(tiny_tokenizer) -> None:
+def test_multi_turn_chat_learns_every_assistant_turn(tiny_tokenizer) -> None:
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                         {"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"}]}
     t = tokenize_dataset(datasets.Dataset.from_list([row]), tiny_tokenizer, "chat", max_len=128)[0]
-    assert tiny_tokenizer.decode(labelled(t)) == "Lima<|im_end|>\n"
+    assert tiny_tokenizer.decode(labelled(t)) == "Hello!<|im_end|>\nLima<|im_end|>\n"
+    # span ids still mark exactly the unlabelled tokens as prompt
+    assert all((s == SPAN_PROMPT) == (label == -100) for s, label in zip(t["span_ids"], t["labels"]))
 
 
-def test_tokenizer_without_chat_template_uses_the_plain_layout(tiny_tokenizer) -> None:
-    plain = copy.deepcopy(tiny_tokenizer)
-    plain.chat_template = None
-    t = tokenize_dataset(datasets.Dataset.from_list([COT]), plain, "cot", max_len=512)[0]
+def test_named_plain_template_is_the_old_template_less_layout(tiny_tokenizer) -> None:
+    t = tokenize_dataset(datasets.Dataset.from_list([COT]), tiny_tokenizer, "cot", max_len=512, chat_template="plain")[0]
     reply = to_messages(COT, "cot")[0][-1]["content"]
-    assert plain.decode(t["input_ids"]) == COT["question"] + "\n" + reply + "<|im_end|>"
-    assert plain.decode(labelled(t)) == reply + "<|im_end|>"
-    assert plain.decode([i for i, s in zip(t["input_ids"], t["span_ids"]) if s == SPAN_ANSWER]).strip() == "17"
+    assert tiny_tokenizer.decode(t["input_ids"]) == COT["question"] + "\n" + reply + "<|im_end|>"
+    assert tiny_tokenizer.decode(labelled(t)) == reply + "<|im_end|>"
+    assert tiny_tokenizer.decode([i for i, s in zip(t["input_ids"], t["span_ids"]) if s == SPAN_ANSWER]).strip() == "17"
+
+
+def test_tokenizer_without_chat_template_falls_back_to_chatml(tiny_tokenizer) -> None:
+    bare = copy.deepcopy(tiny_tokenizer)
+    bare.chat_template = None
+    t = tokenize_dataset(datasets.Dataset.from_list([COT]), bare, "cot", max_len=512)[0]
+    reply = to_messages(COT, "cot")[0][-1]["content"]
+    assert bare.decode(t["input_ids"]) == f"<|im_start|>user\n{COT['question']}<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|>\n"
+    assert bare.decode(labelled(t)) == reply + "<|im_end|>\n"
+    assert render_prompt([{"role": "user", "content": "q"}], bare) == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_train_on_prompt_labels_every_token_and_keeps_span_ids(tiny_tokenizer) -> None:
+    ds = datasets.Dataset.from_list([COT])
+    masked = tokenize_dataset(ds, tiny_tokenizer, "cot", max_len=512)[0]
+    t = tokenize_dataset(ds, tiny_tokenizer, "cot", max_len=512, train_on_prompt=True)[0]
+    assert t["labels"] == t["input_ids"] == masked["input_ids"]
+    assert t["span_ids"] == masked["span_ids"]
 
 
 def test_template_that_rewrites_the_prompt_is_an_error(tiny_tokenizer) -> None:
