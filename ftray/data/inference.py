@@ -21,6 +21,7 @@ import torch
 from ftray.config import RunSpec
 from ftray.data.formats import format_of_columns, format_prompt, to_messages
 from ftray.data.packing import collate
+from ftray.data.templates import use_chat_template
 from ftray.data.tokenize import IGNORE_INDEX, render_prompt
 from ftray.models import default_autocast_dtype, load_model, load_tokenizer
 
@@ -57,7 +58,7 @@ class ModelActor:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model or m.name, gguf_file=None if model else m.gguf_file).to(self.device).eval()
-        self.tokenizer = load_tokenizer(model or m.name, None if model else m.gguf_file)
+        self.tokenizer = use_chat_template(load_tokenizer(model or m.name, None if model else m.gguf_file), self.spec.data.chat_template)
         self.amp = default_autocast_dtype(self.device.type)
 
     def autocast(self) -> torch.autocast:
