@@ -21,6 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ftray.config import RunSpec
 from ftray.data import DataError, load_rows
+from ftray.data.formats import format_of_columns, to_messages, validate_rows
 from ftray.data.prepare import copy_report, prepare_training_data
 from ftray.eval import evaluate_on_ray
 from ftray.methods import Context, build_methods
@@ -63,10 +64,15 @@ def tokenized_rows(spec: RunSpec, source: str, split: str, max_samples: int | No
 
 
 def training_source_rows(spec: RunSpec, split: str, max_samples: int | None) -> datasets.Dataset:
-    """The rows of every `data.sources` entry, concatenated, with a `source` column naming each row's origin."""
+    """The rows of every `data.sources` entry, concatenated, with a `source` column naming each row's origin;
+    sources of different formats (e.g. cot and prompt_completion) all become chat `messages` rows first."""
+    loaded = [load_rows(source, split, max_samples) for source in spec.data.sources]
+    formats = [format_of_columns(ds.column_names) for ds in loaded]
     parts = []
-    for source in spec.data.sources:
-        ds = load_rows(source, split, max_samples)
+    for source, ds, fmt in zip(spec.data.sources, loaded, formats):
+        if len(set(formats)) > 1 and fmt is not None:
+            validate_rows(ds, fmt, source)
+            ds = ds.map(lambda r, f=fmt: {"messages": to_messages(r, f)[0]}, remove_columns=ds.column_names)
         parts.append(ds.add_column("source", [source] * len(ds)) if "source" not in ds.column_names else ds)
     try:
         return datasets.concatenate_datasets(parts)
@@ -154,7 +160,8 @@ def run(spec: RunSpec, recipe: str | None = None, evaluate: bool = False) -> Tra
     train, eval_rows, data_entry = prepare_rows(spec, methods)
     ensure_ray()
     name = run_name(spec, recipe)
-    eval_args = {"source": spec.data.eval_source or spec.data.source, "split": spec.data.eval_split, "max_samples": spec.data.eval_max_samples}
+    eval_args = {"source": spec.data.eval_source or spec.data.source, "split": spec.data.eval_split, "max_samples": spec.data.eval_max_samples,
+                 "chat_template": spec.data.chat_template}
     causal = spec.task.type == "causal_lm"  # a classification head or pooler is untrained before: no "before"
     before = evaluate_on_ray(spec.model.name, **eval_args) if evaluate and causal else None
     result = build_trainer(spec, name, train, eval_rows).fit()

@@ -14,8 +14,8 @@ from ftray.data import BUNDLED, extract_answer, load_rows, to_messages
 from ftray.data import bundled
 from ftray.data.bundled.generate import build_all
 
-SIZES = {"arithmetic": (2000, 200), "factual_qa": (500, 200), "classification": (1000, 200), "factual_edits": (100, 200),
-         "classification_lt": (318, 200), "retrieval": (800, 300),
+SIZES = {"arithmetic": (2000, 200), "arithmetic_noisy": (1000, 200), "factual_qa": (500, 200), "classification": (1000, 200), "factual_edits": (100, 200),
+         "classification_lt": (318, 200), "retrieval": (800, 300), "ood_qa": (40, 200), "arithmetic_dirty": (2000, 200),
          **{f"classification_{k}": (1000, 200) for k in ("sym20", "sym40", "asym20", "asym40")}}
 
 
@@ -37,7 +37,7 @@ def test_regenerating_gives_the_shipped_bytes(tmp_path: Path) -> None:
 def test_sizes_and_disjoint_splits(name: str) -> None:
     train, test = read(name, "train"), read(name, "test")
     assert (len(train), len(test)) == SIZES[name]
-    key = {"arithmetic": "question", "factual_qa": "prompt", "factual_edits": "prompt", "retrieval": "query"}.get(name, "text")
+    key = {"arithmetic": "question", "arithmetic_noisy": "question", "arithmetic_dirty": "question", "factual_qa": "prompt", "factual_edits": "prompt", "ood_qa": "prompt", "retrieval": "query"}.get(name, "text")
     assert not {r[key] for r in train} & {r[key] for r in test}
     assert len({r[key] for r in train}) == len(train)
 

@@ -131,7 +131,7 @@ def test_prepare_data_on_32_rows_gives_valid_rows_a_report_and_then_the_cache(na
     from ftray.train.trainer import training_source_rows
 
     bench = copy.deepcopy(REGISTRY[name].bench)
-    data = {**bench.get("data", {}), "max_samples": 32, "max_len": 128}
+    data = {**bench.get("data", {}), "max_samples": 32, "max_len": max(128, bench.get("data", {}).get("max_len", 128))}
     methods_entry = next((m for m in bench.get("methods", []) if m["name"] == name), {"name": name})
     spec = build_spec({"model": {"name": str(tiny_model_dir)}, "data": data, "task": bench.get("task", {}),
                        "methods": [methods_entry], "output": {"dir": str(tmp_path)}})

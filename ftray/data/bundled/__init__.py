@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED = {"arithmetic", "factual_qa", "classification", "factual_edits", "classification_lt",
-           "classification_sym20", "classification_sym40", "classification_asym20", "classification_asym40", "retrieval"}
+BUNDLED = {"arithmetic", "arithmetic_noisy", "factual_qa", "classification", "factual_edits", "classification_lt",
+           "classification_sym20", "classification_sym40", "classification_asym20", "classification_asym40", "retrieval",
+           "ood_qa", "arithmetic_dirty"}
 CORPORA = {"retrieval"}  # datasets that also ship <name>_corpus.jsonl (rows {pid, text})
 SPLITS = ("train", "test")
 DIR = Path(__file__).parent

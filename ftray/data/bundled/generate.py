@@ -13,9 +13,12 @@ from pathlib import Path
 
 from ftray.data.bundled import DIR
 from ftray.data.bundled import arithmetic as _arithmetic
+from ftray.data.bundled import arithmetic_dirty as _arithmetic_dirty
 from ftray.data.bundled import classification as _classification
 from ftray.data.bundled import factual_edits as _factual_edits
 from ftray.data.bundled import factual_qa as _factual_qa
+from ftray.data.bundled import noisy_pool as _noisy_pool
+from ftray.data.bundled import ood_qa as _ood_qa
 from ftray.data.bundled import retrieval as _retrieval
 
 SEED = 1234
@@ -24,6 +27,12 @@ SEED = 1234
 def arithmetic() -> tuple[list[dict], list[dict]]:
     """2-3 step word problems: question, rationale, answer (2000 train / 200 test)."""
     return _arithmetic.generate(SEED, n_train=2000, n_test=200)
+
+
+def arithmetic_dirty() -> tuple[list[dict], list[dict]]:
+    """The arithmetic train set with injected near-duplicates and looping rationales (2000 rows); clean test."""
+    train, test = arithmetic()
+    return _arithmetic_dirty.generate(train, test, SEED)
 
 
 def factual_qa() -> tuple[list[dict], list[dict]]:
@@ -56,9 +65,20 @@ def factual_edits() -> tuple[list[dict], list[dict]]:
     return _factual_edits.generate(SEED, n_edits=100)
 
 
+def arithmetic_noisy() -> tuple[list[dict], list[dict]]:
+    """Arithmetic train rows 1000-1999 with 30% injected noise rows (shuffled / mismatched), marked in `source`; clean test."""
+    train, test = arithmetic()
+    return _noisy_pool.generate(train, test, SEED)
+
+
+def ood_qa() -> tuple[list[dict], list[dict]]:
+    """Out-of-domain questions, half answerable, half about made-up entities (40 train / 200 test)."""
+    return _ood_qa.generate(SEED, n_train=40, n_test=200)
+
+
 DATASETS = {
-    "arithmetic": arithmetic, "factual_qa": factual_qa, "classification": classification, "factual_edits": factual_edits,
-    "classification_lt": classification_lt,
+    "arithmetic": arithmetic, "arithmetic_noisy": arithmetic_noisy, "factual_qa": factual_qa, "classification": classification, "factual_edits": factual_edits,
+    "classification_lt": classification_lt, "ood_qa": ood_qa, "arithmetic_dirty": arithmetic_dirty,
     **{f"classification_{short}{round(r * 100)}": _noisy(r, kind)
        for kind, short in (("symmetric", "sym"), ("asymmetric", "asym")) for r in (0.2, 0.4)},
 }
