@@ -84,7 +84,8 @@ def run_one(name: str, model: str, steps: int, out: Path, eval_n: int, workers: 
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     trainable = next(r for r in rows if r.get("event") == "phase")
     peak = max(r.get("peak_rss_mb", 0) for r in rows)
-    steps_logged = [r for r in rows if "loss" in r and "time" in r]
+    # One record per step, the last one: a resumed run appends the steps it redoes to the same metrics.jsonl.
+    steps_logged = sorted({r["step"]: r for r in rows if "loss" in r and "time" in r}.values(), key=lambda r: r["step"])
     gaps = [b["time"] - a["time"] for a, b in zip(steps_logged, steps_logged[1:])]
     row = {
         "method": name, "run": raw["output"]["name"], "task": spec.task.type, "data": spec.data.source,
