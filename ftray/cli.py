@@ -1,4 +1,4 @@
-"""The `ftray` command line: train, tune, soup, merge, eval, methods, data, bench, analyze."""
+"""The `ftray` command line: train, boost, tune, soup, merge, eval, methods, data, bench, analyze."""
 
 from __future__ import annotations
 
@@ -52,6 +52,30 @@ def train(
     if "://" not in str(spec.output.dir):  # remote storage: the summary is printed, checkpoints are there
         (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def boost(
+    recipe: str = typer.Argument("llmboost", help="Recipe YAML path, or a packaged recipe name, listing method llmboost."),
+    members: Optional[int] = typer.Option(None, "--members", min=1, help="Members in the chain (default: the recipe's llmboost.members)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Train an LLMBoost chain: one Ray Train run per member; rerun to resume at the first unfinished stage."""
+    from ftray.config import SpecError, load_spec
+
+    try:
+        spec = load_spec(recipe, set_)
+    except SpecError as err:
+        _fail(str(err))
+    from ftray.boost import run_chain
+    from ftray.data import DataError
+    from ftray.models import ModelLoadError
+
+    try:
+        manifest = run_chain(spec, members, recipe)
+    except (DataError, ModelLoadError, ValueError) as err:
+        _fail(f"error: {err}")
+    typer.echo(json.dumps({k: manifest[k] for k in ("chain", "finished_stages", "layers", "stages")}, indent=2, default=str))
 
 
 @app.command("tune")

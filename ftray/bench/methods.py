@@ -225,12 +225,18 @@ def cost_lines(report: dict[str, Any], by_name: dict[str, Any]) -> list[str]:
     rows = [r for r in report["rows"] if r.get("task", "causal_lm") == "causal_lm" and r.get("s_per_step")]
     if not rows:
         return []
-    lines = ["", "Cost of a step (causal LM rows that recorded it):", "", "| method | baseline run | s/step | × baseline | forwards / micro-batch |",
-             "| --- | --- | ---: | ---: | ---: |"]
+    lines = ["", "Cost of training (causal LM rows that recorded it; train tokens = real, unpadded input tokens over all workers;",
+             "arith EM per 100k train tokens is the accuracy-per-compute figure for data selection and pruning):", "",
+             "| method | baseline run | s/step | × baseline | forwards / micro-batch | train tokens | × baseline | arith EM / 100k tokens |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         base = by_name.get(r.get("baseline_run") or "")
         ratio = f"{r['s_per_step'] / base['s_per_step']:.2f}×" if base and base.get("s_per_step") else "–"
-        lines.append(f"| {r.get('run', r['method'])} | {r.get('baseline_run') or '–'} | {r['s_per_step']} | {ratio} | {r.get('forwards_per_batch')} |")
+        tokens = r.get("train_tokens")
+        t_ratio = f"{tokens / base['train_tokens']:.2f}×" if tokens and base and base.get("train_tokens") else "–"
+        per = f"{r['arith_em'] / tokens * 1e5:.3f}" if tokens else "–"
+        lines.append(f"| {r.get('run', r['method'])} | {r.get('baseline_run') or '–'} | {r['s_per_step']} | {ratio} "
+                     f"| {r.get('forwards_per_batch')} | {tokens or '–'} | {t_ratio} | {per} |")
     return lines
 
 
