@@ -30,18 +30,43 @@ class ModelSpec(_Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside `name` when `name` is a hub repo/dir.")
 
 
-class TaskSpec(_Section):
-    """What the model learns to do: next-token prediction, a label per text, or query→passage retrieval."""
+GroupMode = Literal["frozen", "full", "lora"]
 
-    type: Literal["causal_lm", "classification", "retrieval"] = Field(
+
+class VisionLanguageSpec(_Section):
+    """Which parts of a vision-language model train, and how (task.type=vision_language)."""
+
+    vision_tower: GroupMode = Field("frozen", description="The image encoder (CLIP/SigLIP tower): frozen, trained in full, or LoRA.")
+    projector: GroupMode = Field("full", description="The vision→text projector / connector: frozen, full or LoRA.")
+    language_model: GroupMode = Field("full", description="The language model (embeddings, decoder, LM head): frozen, full or LoRA "
+                                      "(LoRA on its linear layers; the LM head and embeddings stay frozen).")
+    projector_lr: float | None = Field(None, gt=0, description="Learning rate of the projector's parameters; default train.lr.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank for the groups set to lora.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scale numerator (the update is multiplied by alpha/r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> VisionLanguageSpec:
+        if self.vision_tower == self.projector == self.language_model == "frozen":
+            raise ValueError("task.vlm: every group is frozen; set vision_tower, projector or language_model to full or lora")
+        return self
+
+
+class TaskSpec(_Section):
+    """What the model learns to do: next-token prediction, a label per text, query→passage retrieval, or image+text → text."""
+
+    type: Literal["causal_lm", "classification", "retrieval", "vision_language"] = Field(
         "causal_lm", description="causal_lm: LM loss on reply tokens; classification: a sequence-classification head "
-        "on the backbone, labels from a `label` column; retrieval: a bi-encoder trained with in-batch negatives."
+        "on the backbone, labels from a `label` column; retrieval: a bi-encoder trained with in-batch negatives; "
+        "vision_language: an AutoModelForImageTextToText (LLaVA, Idefics3/SmolVLM, Qwen2-VL) on {images, messages} rows, "
+        "LM loss on the assistant replies."
     )
     num_labels: int | None = Field(None, ge=2, description="Classification: number of classes; default = 1 + the largest label in the data.")
     pooling: Literal["mean", "last"] = Field("mean", description="Retrieval: how token states become one embedding.")
     temperature: float = Field(0.05, gt=0, description="Retrieval: softmax temperature of the cosine-similarity scores.")
     negatives: int = Field(7, ge=0, description="Retrieval: hard negatives per query in training (besides in-batch ones).")
     eval_corpus: str | None = Field(None, description="Retrieval: corpus (rows of pid, text) embedded for eval; default = the bundled corpus.")
+    vlm: VisionLanguageSpec = Field(default_factory=VisionLanguageSpec, description="Vision-language: trainable groups and projector lr.")
 
 
 class DataSpec(_Section):

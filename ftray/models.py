@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,7 +47,7 @@ _DTYPES = {
     "float16": torch.float16,
     "auto": torch.float32,
 }
-_TASKS = ("causal_lm", "classification", "retrieval")
+_TASKS = ("causal_lm", "classification", "retrieval", "vision_language")
 # What a training/serving run needs from a hub repo; skips .bin/.gguf/.onnx duplicates of weights.
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
@@ -118,11 +118,12 @@ def load_model(
         dtype: "float32", "bfloat16", "float16" or "auto" (= float32; use autocast for speed).
         gguf_file: GGUF file name inside the directory or hub repo `name`.
         task: "causal_lm" (AutoModelForCausalLM), "classification"
-            (AutoModelForSequenceClassification; pass e.g. ``num_labels=3``) or "retrieval" (AutoModel:
-            the backbone without a head, pooled into embeddings by ftray.tasks.retrieval).
+            (AutoModelForSequenceClassification; pass e.g. ``num_labels=3``), "retrieval" (AutoModel:
+            the backbone without a head, pooled into embeddings by ftray.tasks.retrieval) or
+            "vision_language" (AutoModelForImageTextToText: LLaVA, Idefics3/SmolVLM, Qwen2-VL, ...).
         **kwargs: forwarded to ``from_pretrained``.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     import ftray.methods  # noqa: F401  methods that define model classes (LoRAMoE) register them with the Auto classes
 
@@ -130,18 +131,36 @@ def load_model(
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     if task not in _TASKS:
         raise ModelLoadError(f"unknown task {task!r}; use one of {list(_TASKS)}")
-    auto_cls = {"causal_lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification, "retrieval": AutoModel}[task]
+    auto_cls = {"causal_lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification, "retrieval": AutoModel,
+                "vision_language": AutoModelForImageTextToText}[task]
     path = resolve_model_path(name, gguf_file)
     try:
         model = auto_cls.from_pretrained(path, dtype=_DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model {name!r} from {path}: {_first_line(e)}") from e
-    if model.config.pad_token_id is None:
+    if task != "vision_language" and model.config.pad_token_id is None:
         # Sequence classification pools the last non-pad token and refuses batches > 1 without a
         # pad id; use eos, matching load_tokenizer's fallback.
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def load_processor(name: str) -> Any:
+    """The `AutoProcessor` (tokenizer + image processor + chat template) of a vision-language model, with a pad token."""
+    from transformers import AutoProcessor
+
+    # a checkpoint dir of a LoRA run holds the processor beside its adapter (and no config.json)
+    path = name if (Path(name) / "adapter_config.json").is_file() else resolve_model_path(name)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a processor for {name!r} from {path}: {_first_line(e)}") from e
+    if not hasattr(processor, "image_processor"):
+        raise ModelLoadError(f"{name!r} has no image processor (AutoProcessor gave {type(processor).__name__}); "
+                             "task.type=vision_language needs an image-text-to-text model such as LLaVA or SmolVLM")
+    _ensure_pad_token(processor.tokenizer)
+    return processor
 
 
 def default_autocast_dtype(device_type: str) -> torch.dtype | None:

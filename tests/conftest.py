@@ -85,3 +85,19 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=True)  # the state API (kill test) needs it
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny LLaVA (2-layer CLIP tower, 2-layer Llama) saved with its processor (tests/tasks/vlm_helpers.py)."""
+    from tests.tasks.vlm_helpers import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Idefics3 of the same size, saved with its processor."""
+    from tests.tasks.vlm_helpers import build_tiny_idefics3
+
+    return build_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))

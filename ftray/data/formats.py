@@ -9,6 +9,7 @@ validation, and normalisation to one chat `messages` schema.
 | prompt_completion | prompt, completion                                | completion                                |
 | cot               | question, rationale, answer                       | "{rationale}\\nThe answer is {answer}."    |
 | classification    | text, label (int), label_name                     | label_name                                |
+| vision            | images [...], messages with image/text parts      | every assistant message (task vision_language) |
 
 Alpaca's user turn is the instruction, then a blank line and the input when the input is not empty
 (an empty input adds no block). Any format but chat and sharegpt may carry an optional `system`
@@ -30,9 +31,10 @@ FORMATS: dict[str, dict[str, type]] = {
     "cot": {"question": str, "rationale": str, "answer": str},
     "prompt_completion": {"prompt": str, "completion": str},
     "classification": {"text": str, "label": int, "label_name": str},
+    "vision": {"images": list, "messages": list},
 }
 # the columns that identify each format, in the order detection tries them
-_SIGNATURES = [("chat", {"messages"}), ("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
+_SIGNATURES = [("vision", {"images", "messages"}), ("chat", {"messages"}), ("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
                ("cot", {"question", "rationale", "answer"}), ("prompt_completion", {"prompt", "completion"}),
                ("classification", {"text", "label"})]
 ROLES = {"system", "user", "assistant"}
@@ -92,6 +94,29 @@ def _check_messages(messages: list, field: str = "messages") -> str | None:
     return None
 
 
+def _check_vision(images: list, messages: list) -> str | None:
+    """A vision row: chat messages whose content is a string or a list of {type: text, text} / {type: image}
+    parts, with exactly one image part per entry of `images` (in order)."""
+    if len(messages) < 2 or not all(isinstance(m, dict) for m in messages):
+        return "'messages' needs at least one prompt message (objects with role and content) before the final assistant message"
+    n_image_parts = 0
+    for j, m in enumerate(messages, 1):
+        if m.get("role") not in ROLES:
+            return f"message {j} has role {m.get('role')!r}; roles are {', '.join(sorted(ROLES))}"
+        content = m.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and p.get("type") in ("text", "image") for p in parts):
+            return f"message {j} ('{m['role']}'): content must be a string or a list of {{type: text, text}} / {{type: image}} parts"
+        if any(p["type"] == "text" and not isinstance(p.get("text"), str) for p in parts):
+            return f"message {j} ('{m['role']}'): a text part needs a string 'text'"
+        n_image_parts += sum(p["type"] == "image" for p in parts)
+    if messages[-1]["role"] != "assistant":
+        return f"the last message must be the assistant's reply, got role '{messages[-1]['role']}'"
+    if n_image_parts != len(images):
+        return f"the messages have {n_image_parts} image parts but 'images' has {len(images)} entries; they must match"
+    return None
+
+
 def _check_conversations(turns: list) -> str | None:
     if len(turns) < 2:
         return "'conversations' needs at least one prompt turn before the final gpt turn"
@@ -117,6 +142,8 @@ def row_problem(row: dict, fmt: str) -> str | None:
             return problem
     if fmt == "chat":
         return _check_messages(row["messages"])
+    if fmt == "vision":
+        return _check_vision(row["images"], row["messages"])
     if fmt == "sharegpt":
         return _check_conversations(row["conversations"])
     if fmt == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):

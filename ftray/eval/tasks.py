@@ -1,4 +1,4 @@
-"""Evaluation of classification and retrieval checkpoints (causal LM: `ftray.eval.evaluate`)."""
+"""Evaluation of classification, retrieval and vision-language checkpoints (causal LM: `ftray.eval.evaluate`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def spec_of(path: str | Path) -> dict[str, Any]:
 
 def evaluate_task(model_ref: str, source: str | None = None, split: str = "test", max_samples: int | None = None,
                   threads: int | None = None) -> dict[str, Any]:
-    """Classification metrics or retrieval ranking metrics of a checkpoint, on its own eval data by default."""
+    """Classification metrics, retrieval ranking metrics or vision-language exact match of a checkpoint, on its own eval data by default."""
     from ftray.tasks import get_task
     from ftray.tasks.classification import metrics, predict
     from ftray.tasks.retrieval import corpus_rows, evaluate_retrieval
@@ -36,6 +36,11 @@ def evaluate_task(model_ref: str, source: str | None = None, split: str = "test"
     model, tokenizer = load_checkpoint(model_ref)
     ds = load_rows(source, split, max_samples)
     head = {"model": model_ref, "task": kind, "source": source, "split": split}
+    if kind == "vision_language":
+        from ftray.models import load_processor
+        from ftray.tasks.vision_language import evaluate_vision_language
+
+        return {**head, **evaluate_vision_language(model, load_processor(model_ref), ds.to_list())}
     if kind == "classification":
         rows = get_task(spec).tokenize(ds, tokenizer, f"{source}[{split}]")
         probs = predict(model, rows, tokenizer.pad_token_id)

@@ -11,6 +11,6 @@ class Full(Method):
     """Train all weights with the plain loss; no hook is needed."""
 
     name = "full"
-    tasks = ("causal_lm", "classification", "retrieval")
+    tasks = ("causal_lm", "classification", "retrieval", "vision_language")  # vision_language: what trains is task.vlm's groups
     paper = "Standard supervised fine-tuning (all parameters)"
     incompatible = ("lora",)

@@ -122,6 +122,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = wrap_model(model, spec.scaling.strategy, device)
         model.train()  # from_pretrained returns eval mode: dropout (e.g. LoRA's) would be off until the first eval
         groups = next((g for m in methods if (g := m.param_groups(unwrap(model), ctx))), None)
+        if groups is None and hasattr(task, "param_groups"):  # e.g. vision_language's projector lr
+            groups = task.param_groups(unwrap(model))
         params = groups or [p for p in model.parameters() if p.requires_grad]
         optimizer = next((o for m in methods if (o := m.optimizer(params, ctx))), None) or build_optimizer(params, spec.train)
         scheduler = build_scheduler(optimizer, spec.train, plan.phase_ends[k] - phase_start)
@@ -150,7 +152,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.step(ctx.step, metrics)
             every = spec.train.checkpoint_every
             if last or (every and ctx.step % every == 0):
-                save(model, optimizer, scheduler, methods, tokenizer, spec, ctx, k, metrics, log)
+                # a VLM's processor saves its tokenizer, image processor and chat template together
+                save(model, optimizer, scheduler, methods, getattr(task, "processor", tokenizer), spec, ctx, k, metrics, log)
             elif ctx.step % spec.train.log_every == 0 or "eval_loss" in metrics:
                 ray.train.report(metrics)  # every eval result reaches Ray (Tune's schedulers act on it)
     log.close()

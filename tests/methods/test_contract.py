@@ -88,12 +88,15 @@ def test_two_steps_finite_loss_only_declared_params_change_and_finalize_round_tr
 
 
 def _task_batch(task, tokenizer, seed: int) -> dict:
-    """A real collated micro-batch of the task from bundled text (classification) or synthetic triples (retrieval)."""
+    """A real collated micro-batch of the task from bundled text (classification), image rows (vision_language)
+    or synthetic triples (retrieval)."""
     import datasets
 
     g = torch.Generator().manual_seed(seed)
     if task.name == "classification":
         ds = load_rows("bundled:classification_lt", "train", 8)
+    elif task.name == "vision_language":
+        ds = load_rows("bundled:shapes_vqa", "train", 8)
     else:
         n = task.spec.task.negatives
         ds = datasets.Dataset.from_list([{"query": f"what is {i}?", "positive": f"{i} is a number", "negatives": [f"{i + j + 1} apples" for j in range(n)],
@@ -105,7 +108,9 @@ TASK_CASES = [(n, t) for n in NAMES for t in REGISTRY[n].tasks if t != "causal_l
 
 
 @pytest.mark.parametrize("name,task_type", TASK_CASES)
-def test_two_steps_on_classification_and_retrieval_give_finite_loss(name, task_type, tiny_model_dir, tiny_tokenizer):
+def test_two_steps_on_classification_and_retrieval_give_finite_loss(name, task_type, tiny_model_dir, tiny_tokenizer, request):
+    if task_type == "vision_language":  # the tiny LLaVA shares the tiny tokenizer (plus its <image> token)
+        tiny_model_dir = request.getfixturevalue("tiny_llava_dir")
     spec = build_spec({"model": {"name": str(tiny_model_dir)}, "task": {"type": task_type, "num_labels": 4, "negatives": 3},
                        "methods": [name], "train": {"lr": 1e-2, "warmup_ratio": 0}})
     task = get_task(spec)
