@@ -186,12 +186,17 @@ def eval_cmd(
     edits: bool = typer.Option(False, "--edits", help="Model-editing metrics instead: reliability, generality, locality."),
     base: Optional[str] = typer.Option(None, help="--edits: the unedited model locality compares with (default: the checkpoint's base)."),
     prompt_prefix: str = typer.Option("", help="Text put before every rendered prompt, e.g. a UL2 mode token: '[S2S]'."),
+    shifts: Optional[str] = typer.Option(None, help="vision_language checkpoints: robustness under image shifts (SURE-VQA), e.g. 'blur,noise' or 'all' (blur, noise, contrast, rotation, occlusion): IID vs each shift, ratios, no-image baseline."),
+    severities: str = typer.Option("2", help="--shifts: shift severities, 1 (mild) to 3 (strong), comma-separated."),
+    out: Optional[str] = typer.Option(None, help="--shifts: where shifts.json and shifts.md go (default: beside the checkpoint, <dir>/../eval_shifts)."),
 ) -> None:
-    """Exact match and perplexity on a split (classification / retrieval checkpoints: their task's metrics), or editing metrics with --edits."""
+    """Exact match and perplexity on a split (classification / retrieval checkpoints: their task's metrics), editing metrics with --edits, or image-shift robustness with --shifts."""
     from ftray.eval import evaluate_on_ray
     from ftray.eval.edits import evaluate_edits_on_ray
     from ftray.train.trainer import ensure_ray
 
+    if shifts is not None:
+        return _eval_shifts(model, shifts, severities, out, source, split or "test", max_samples, max_new_tokens or 32)
     ensure_ray()
     if edits:
         try:
@@ -203,6 +208,32 @@ def eval_cmd(
         result = evaluate_on_ray(model, source=source, split=split or "test", max_samples=max_samples,
                                  max_new_tokens=max_new_tokens or 96, prompt_prefix=prompt_prefix)
     typer.echo(json.dumps(result, indent=2))
+
+
+def _eval_shifts(model: str, shifts: str, severities: str, out: Optional[str], source: Optional[str], split: str,
+                 max_samples: Optional[int], max_new_tokens: int) -> None:
+    """`ftray eval --shifts`: the SURE-VQA robustness report, as JSON on stdout plus shifts.json / shifts.md."""
+    from pathlib import Path
+
+    from ftray.eval.shifts import check_vision_language, evaluate_shifts_on_ray, parse_shifts, shifts_table, write_report
+    from ftray.train.trainer import ensure_ray
+
+    try:  # bad arguments and text-only checkpoints fail before Ray starts
+        names = parse_shifts(shifts)
+        levels = [int(s) for s in severities.split(",") if s.strip()]
+        check_vision_language(model)
+    except ValueError as err:
+        _fail(f"error: {err}")
+    ensure_ray()
+    try:
+        report = evaluate_shifts_on_ray(model, shifts=names, severities=levels, source=source, split=split,
+                                        max_samples=max_samples, max_new_tokens=max_new_tokens)
+    except ValueError as err:
+        _fail(f"error: {err}")
+    target = Path(out) if out else (Path(model).resolve().parent / "eval_shifts" if Path(model).is_dir() else Path("eval_shifts"))
+    json_path, md_path = write_report(report, target)
+    typer.echo(shifts_table(report), err=True)
+    typer.echo(json.dumps({**report, "report": {"json": str(json_path), "markdown": str(md_path)}}, indent=2))
 
 
 @app.command()
@@ -316,6 +347,23 @@ def bench_fusion_overhead(
     from ftray.bench.fusion import main
 
     main(tokens=tokens, batch=batch, out_dir=out, model=model, expert=expert, threads=threads)
+
+
+@bench_app.command("boost")
+def bench_boost(
+    tokens: int = typer.Option(32, help="Greedy tokens timed per session."),
+    repeats: int = typer.Option(3, help="Sessions per path and batch size."),
+    batches: str = typer.Option("1,8", help="Comma-separated batch sizes."),
+    out: str = typer.Option("bench_results", help="Directory for JSON and markdown."),
+    model: str = typer.Option("smollm2-135m", help="Base of the untrained 2-member chain built when --chain is not given."),
+    chain: str = typer.Option(None, help="A chain directory (ftray boost's <name>-chain/); default: an untrained chain on --model."),
+    threads: int = typer.Option(1, help="CPUs (Ray) and torch threads per member actor."),
+) -> None:
+    """LLMBoost chain serving: pipelined vs sequential vs a single member, per-token latency and tokens/s."""
+    from ftray.bench.boost import main
+
+    main(tokens=tokens, repeats=repeats, batches=tuple(int(b) for b in batches.split(",") if b.strip()), out_dir=out,
+         model=model, chain=chain, threads=threads)
 
 
 @bench_app.command("serve-throughput")

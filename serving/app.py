@@ -44,6 +44,7 @@ from serving.config import (
     ModelConfig, ServeConfig, ServeConfigError, check_paths, load_serve_config, parse_serve_config,
 )
 from serving.engine import HFEngine
+from serving.boost import boost_deployment
 from serving.fusion import fusion_deployment
 from serving.openai_api import SSE_DONE, ChatCompletionRequest, CompletionRequest, OpenAIError, sse
 
@@ -211,6 +212,8 @@ def _vllm_deployment(model: ModelConfig, index: int) -> Application:
 
 # engine name -> builder of the model's deployment; the ingress only needs the handle it returns.
 ENGINES: dict[str, Callable[[ModelConfig, int], Application]] = {"hf": _hf_deployment, "vllm": _vllm_deployment}
+# ensemble kind -> builder of its deployment (serving/fusion.py, serving/boost.py).
+_ENSEMBLES: dict[str, Callable[[Any, int], Application]] = {"fusion": fusion_deployment, "llmboost": boost_deployment}
 
 
 def build_app(config: ServeConfig | dict | str | Path) -> Application:
@@ -218,7 +221,7 @@ def build_app(config: ServeConfig | dict | str | Path) -> Application:
     cfg = _as_config(config)
     check_paths(cfg)
     models = {m.name: (ENGINES[m.engine](m, i), list(m.adapters)) for i, m in enumerate(cfg.models)}
-    models |= {e.name: (fusion_deployment(e, i), []) for i, e in enumerate(cfg.ensembles)}
+    models |= {e.name: (_ENSEMBLES[e.kind](e, i), []) for i, e in enumerate(cfg.ensembles)}
     # Every request passes through the ingress, so it must not wait behind a model's queue limits.
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=1000)
     return ingress.bind(cfg.resolved_api_key(), models)

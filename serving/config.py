@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+
+from serving.images import ImageLimits
 
 API_KEY_ENV = "FTRAY_API_KEY"
 
@@ -76,6 +78,11 @@ class ModelConfig(BaseModel):
         default_factory=dict,
         description="engine vllm: extra vLLM engine arguments (e.g. {enforce_eager: true}), over ftray's "
         "defaults (serving.vllm_engine.DEFAULT_ENGINE_KWARGS).",
+    )
+    images: ImageLimits = Field(
+        default_factory=ImageLimits,
+        description="engine hf, vision-language models: limits on image_url inputs (bytes, pixels, images per "
+        "request) and the local directories clients may name (serving/images.py).",
     )
 
     @model_validator(mode="before")
@@ -142,6 +149,7 @@ class EnsembleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["fusion"] = Field("fusion", description="Ensemble kind: `fusion` (this) or `llmboost` (BoostEnsembleConfig).")
     name: str = Field(description="Name clients pass as `model`. No ':'.")
     large: str = Field(description="The large model (alias, HF dir or checkpoint); it decodes, the experts steer.")
     small_base: str = Field(description="The untuned small model the experts were fine-tuned from.")
@@ -176,13 +184,72 @@ class EnsembleConfig(BaseModel):
                 **{f"experts.{i}.path": e.path for i, e in enumerate(self.experts)}}
 
 
+class BoostEnsembleConfig(BaseModel):
+    """An LLMBoost chain served as one model: one actor per member, decoded through a Ray Compiled Graph (serving/boost.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["llmboost"] = Field(description="Ensemble kind: `llmboost` (this) or `fusion` (EnsembleConfig).")
+    name: str = Field(description="Name clients pass as `model`. No ':'.")
+    path: str = Field(description="The chain directory: `ftray boost`'s <name>-chain/ or an llmboost run's final/.")
+    pipeline: bool = Field(
+        True,
+        description="true: member m runs its layers while member m-1 runs the same segment and waits only at each "
+        "CMA layer for m-1's state (per-segment graph nodes); false: member m starts when m-1 finished its whole "
+        "forward. Same tokens either way.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype of every member (`auto`: fp32 with bf16 autocast where supported).")
+    num_replicas: int = Field(1, ge=1, description="Chain replicas; each owns one actor per member.")
+    member_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved for each member actor (Ray resource).")
+    member_num_threads: int | None = Field(
+        None, ge=1, description="Torch threads of each member actor; null: member_num_cpus rounded down (at least 1).")
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests one chain replica works on at once.")
+    max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together in one batch.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill before decoding.")
+    default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a chat request sets no max_tokens.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_has_no_colon(cls, name: str) -> str:
+        if not name or ":" in name:
+            raise ValueError(f"ensemble name {name!r} must be non-empty without ':'")
+        return name
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> BoostEnsembleConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or batches can never fill")
+        return self
+
+    def threads(self) -> int:
+        """Torch threads per member actor."""
+        return self.member_num_threads or max(1, int(self.member_num_cpus))
+
+    def member_paths(self) -> dict[str, str]:
+        """Field path -> model path (for checks and errors)."""
+        return {"path": self.path}
+
+
+def _ensemble_kind(raw: Any) -> str:
+    # `kind` defaults to fusion, so configs written before LLMBoost existed still validate.
+    return (raw.get("kind") if isinstance(raw, dict) else getattr(raw, "kind", None)) or "fusion"
+
+
+AnyEnsemble = Annotated[Union[Annotated[EnsembleConfig, Tag("fusion")], Annotated[BoostEnsembleConfig, Tag("llmboost")]],
+                        Discriminator(_ensemble_kind)]
+_ENSEMBLE_KINDS = ("fusion", "llmboost")
+
+
 class ServeConfig(BaseModel):
     """A serve config: models behind one OpenAI-compatible ingress."""
 
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelConfig] = Field(default_factory=list, description="Models to serve.")
-    ensembles: list[EnsembleConfig] = Field(default_factory=list, description="Logit-fusion ensembles to serve.")
+    ensembles: list[AnyEnsemble] = Field(
+        default_factory=list, description="Ensembles to serve: logit fusion (kind: fusion, the default) or LLMBoost chains (kind: llmboost).")
     api_key: str | None = Field(
         None,
         description=f"Bearer token clients must send; null: ${API_KEY_ENV} if set, else no auth.",
@@ -231,7 +298,10 @@ def parse_serve_config(raw: dict) -> ServeConfig:
     except ValidationError as err:
         lines = []
         for e in err.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            loc = list(e["loc"])
+            if len(loc) > 2 and loc[0] == "ensembles" and loc[2] in _ENSEMBLE_KINDS:
+                del loc[2]  # the union's tag: `ensembles.0.path`, not `ensembles.0.llmboost.path`
+            field = ".".join(str(p) for p in loc) or "(top level)"
             lines.append(f"{field}: {e['msg']}")
         raise ServeConfigError("invalid serve config:\n  " + "\n  ".join(lines)) from None
 
@@ -250,12 +320,26 @@ def load_serve_config(path: str | Path) -> ServeConfig:
     return config
 
 
+def check_chain_dir(path: Path, field: str) -> None:
+    """Refuse a dir that is not an LLMBoost chain (config.json of model_type ftray_llmboost, manifest.json)."""
+    import json
+
+    config = path / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if model_type != "ftray_llmboost" or not (path / "manifest.json").is_file():
+        raise ServeConfigError(f"{field}: {str(path)!r} is not an LLMBoost chain directory (needs config.json with "
+                               "model_type 'ftray_llmboost' and manifest.json); point at `ftray boost`'s <name>-chain/ "
+                               "or an llmboost run's final/")
+
+
 def check_paths(config: ServeConfig) -> None:
-    """Refuse missing local model dirs and adapter dirs without adapter_config.json, naming the field."""
+    """Refuse missing local model dirs, adapter dirs without adapter_config.json and non-chain llmboost dirs, naming the field."""
     for i, ensemble in enumerate(config.ensembles):
         for field, path in ensemble.member_paths().items():
             if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
                 raise ServeConfigError(f"ensembles.{i}.{field}: {path!r} does not exist")
+            if ensemble.kind == "llmboost" and Path(path).expanduser().is_dir():
+                check_chain_dir(Path(path).expanduser(), f"ensembles.{i}.{field}")
     for i, model in enumerate(config.models):
         path = Path(model.path).expanduser()
         if model.path.startswith(("/", ".", "~")) and not path.exists():

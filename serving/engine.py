@@ -13,6 +13,11 @@ one's tail. Requests with different sampling settings, seeds or adapters share t
 is per row and adapters mix through PEFT's `adapter_names=`. Events cross from the decode thread to
 the replica's event loop through one asyncio queue per sequence.
 
+Images: a vision-language model (any `AutoModelForImageTextToText` checkpoint) takes chat `image_url`
+parts (serving/images.py): its processor expands them into image tokens and pixel tensors, which the
+batcher feeds at the prompt's prefill; decode steps are text-only. Text models answer image parts with
+a 400.
+
 `TextEngine` is shared with logit-fusion ensembles (`serving.fusion`), which still decode static
 batches gathered by `@serve.batch` (`_decode`): their members' caches live in other actors.
 """
@@ -29,6 +34,7 @@ from ray import serve
 
 from serving.config import ModelConfig
 from serving.generation import ContinuousBatcher, Event, Job
+from serving.images import chat_inputs, is_vision_language, load_vision_language, refuse_images
 from serving.openai_api import (
     ChatCompletionRequest, CompletionRequest, OpenAIError, chat_chunk, chat_response, completion_chunk,
     completion_response, new_id, usage, usage_chunk,
@@ -42,7 +48,11 @@ def load_for_serving(cfg: ModelConfig):
     from ftray.eval.loading import load_checkpoint
     from ftray.models import default_autocast_dtype
 
-    model, tokenizer = load_checkpoint(cfg.path, merge=True)  # an adapter checkpoint is merged
+    if is_vision_language(cfg.path):  # image-text-to-text: its processor's tokenizer decodes (images: HFEngine)
+        model, processor = load_vision_language(cfg.path)
+        tokenizer = processor.tokenizer
+    else:
+        model, tokenizer = load_checkpoint(cfg.path, merge=True)  # an adapter checkpoint is merged
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -167,8 +177,10 @@ class TextEngine:
 
     def _jobs(self, request, adapter: str | None) -> tuple[list[Job], int]:
         """The sequences `request` asks for and its prompt token count; OpenAIError if it cannot run."""
+        vision = None  # image tensors of a chat prompt with images (vision-language models)
         if isinstance(request, ChatCompletionRequest):
-            prompts, param = [self._chat_prompt(request)], "messages"
+            ids, vision = self._chat_inputs(request)
+            prompts, param = [ids], "messages"
         else:
             texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
             prompts = [self.tokenizer(t).input_ids for t in texts]
@@ -188,8 +200,13 @@ class TextEngine:
             for i in range(request.n):
                 seed = None if request.seed is None else request.seed + i
                 jobs.append(Job(ids, max_tokens, request.temperature, request.top_p, seed, request.stop,
-                                adapter, logprobs))
+                                adapter, logprobs, vision))
         return jobs, sum(len(p) for p in prompts)
+
+    def _chat_inputs(self, request: ChatCompletionRequest) -> tuple[list[int], dict | None]:
+        """(prompt ids, image tensors or None); a text model refuses image parts with a 400."""
+        refuse_images(request, "it is a text model")
+        return self._chat_prompt(request), None
 
     def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
         """Token ids of the messages under the model's chat template, ending with the assistant turn."""
@@ -211,13 +228,26 @@ class HFEngine(TextEngine):
     def __init__(self, model: dict):
         self.cfg = ModelConfig.model_validate(model)
         self.model, self.tokenizer, self.autocast = load_for_serving(self.cfg)
-        config = self.model.config
+        # a vision-language model's processor renders chats with images (serving/images.py)
+        self.processor = None
+        if is_vision_language(self.cfg.path):
+            from ftray.models import load_processor
+
+            self.processor = load_processor(self.cfg.path)
+        config = self.model.config.get_text_config()  # a VLM's context is its language model's
         self.context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.default_max_tokens = self.cfg.default_max_tokens
         self.batcher = ContinuousBatcher(
             self.model, self.tokenizer, self.eos_ids, self.tokenizer.pad_token_id, self.cfg.max_batch_size,
             self.autocast, multi_adapter=bool(self.cfg.adapters), wait_s=self.cfg.batch_wait_timeout_s)
+
+    def _chat_inputs(self, request: ChatCompletionRequest) -> tuple[list[int], dict | None]:
+        """A vision-language model's prompt ids (image tokens expanded) and image tensors; else as TextEngine."""
+        if self.processor is None:
+            return super()._chat_inputs(request)
+        dtype = next(self.model.parameters()).dtype
+        return chat_inputs(self.processor, request, self.cfg.images, dtype)
 
     async def events(self, job: Job) -> AsyncIterator[Event]:
         """The Events of `job` as the replica's decode thread produces them."""

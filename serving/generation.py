@@ -39,6 +39,9 @@ class Job:
     stop: list[str] = field(default_factory=list)
     adapter: str | None = None
     logprobs: int | None = None
+    # Image tensors of a vision-language prompt (pixel_values, ...; serving.images.chat_inputs), fed at
+    # prefill only: the image tokens' keys and values are in the KV cache after it.
+    vision: dict | None = None
 
 
 @dataclass
@@ -273,8 +276,8 @@ class ContinuousBatcher:
             room = min(self.max_batch_size - len(self.rows), closed_at)
             new, waiting = waiting[:room], waiting[room:]
             try:
-                if new:
-                    self._prefill(new)
+                for group in _prefill_groups(new):
+                    self._prefill(group)
                 if self.rows:
                     self._decode()
             except Exception as err:  # every sequence in flight hears of it; the loop goes on
@@ -347,6 +350,8 @@ class ContinuousBatcher:
     def _forward(self, ids, mask, positions, cache, seqs: list[Sequence]):
         """(fp32 next-token logits [rows, vocab] on CPU, KV cache) of one forward pass."""
         extra = {"adapter_names": [s.job.adapter or BASE_ADAPTER for s in seqs]} if self.multi_adapter else {}
+        if cache is None and seqs[0].job.vision:  # a prefill of one image prompt (_prefill_groups)
+            extra.update({k: v.to(self.device) for k, v in seqs[0].job.vision.items()})
         autocast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
@@ -354,6 +359,14 @@ class ContinuousBatcher:
                              use_cache=True, logits_to_keep=1, **extra)
         self.forwards += 1
         return out.logits[:, -1, :].float().cpu(), _check_cache(out.past_key_values)
+
+
+def _prefill_groups(new: list[Sequence]) -> list[list[Sequence]]:
+    """Text-only prompts together, each image prompt alone: models batch image tensors differently
+    (LLaVA concatenates images, Idefics3 pads per row), so one image prompt per prefill is the shape
+    every `AutoModelForImageTextToText` takes; the rows then join the running batch like any other."""
+    text = [s for s in new if not s.job.vision]
+    return ([text] if text else []) + [[s] for s in new if s.job.vision]
 
 
 def _check_cache(cache):

@@ -78,6 +78,8 @@ class VLLMServer(LLMServer):
 
     async def respond(self, request: CompletionRequest | ChatCompletionRequest, adapter: str | None):
         """A whole completion or chat completion as a dict, or an OpenAIError."""
+        if err := _image_error(request):
+            return err
         if adapter in self.merged:
             return await self.merged[adapter].respond.remote(request, None)
         results = await self._call(request, adapter)
@@ -89,6 +91,9 @@ class VLLMServer(LLMServer):
     async def stream(self, request: CompletionRequest | ChatCompletionRequest,
                      adapter: str | None) -> AsyncIterator[str | OpenAIError]:
         """vLLM's SSE events as pre-framed text (several per item, as LLMServer batches them), or one OpenAIError first."""
+        if err := _image_error(request):
+            yield err
+            return
         if adapter in self.merged:
             async for item in self.merged[adapter].options(stream=True).stream.remote(request, None):
                 yield item
@@ -127,6 +132,19 @@ def _sampling(request, served: str) -> dict[str, Any]:
     options = request.stream_options.model_dump() if request.stream_options else None
     return {"model": served, "temperature": request.temperature, "top_p": request.top_p, "stop": request.stop,
             "seed": request.seed, "n": request.n, "stream": request.stream, "stream_options": options}
+
+
+def _image_error(request) -> OpenAIError | None:
+    """A 400 for image parts: ftray does not pass images to vLLM yet (to_vllm_chat sends text), so say so
+    rather than answer without the image."""
+    from serving.images import refuse_images
+
+    try:
+        if isinstance(request, ChatCompletionRequest):
+            refuse_images(request, "engine vllm takes text only in ftray")
+    except OpenAIError as err:
+        return err
+    return None
 
 
 def _error(response: ErrorResponse) -> OpenAIError:
