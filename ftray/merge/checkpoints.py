@@ -146,8 +146,13 @@ def check_out(out: Path) -> None:
         raise MergeError(f"--out {out}: exists and is not an earlier merge's output; choose a new directory")
 
 
-def write_merged(model: Any, tokenizer: Any, out: str | Path, record: dict[str, Any]) -> Path:
-    """Write model (safetensors), tokenizer and merge.yaml to `out` atomically: a temp dir renamed into place."""
+# a vision-language checkpoint's processor (image processor, processor config, chat template) beside its tokenizer
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja", "ftray_spec.yaml")
+
+
+def write_merged(model: Any, tokenizer: Any, out: str | Path, record: dict[str, Any], like: str | Path | None = None) -> Path:
+    """Write model (safetensors), tokenizer and merge.yaml to `out` atomically: a temp dir renamed into place
+    (with `like`'s processor files, so a soup of VLM checkpoints loads with its image processor)."""
     out = Path(out)
     check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +160,9 @@ def write_merged(model: Any, tokenizer: Any, out: str | Path, record: dict[str, 
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name in PROCESSOR_FILES if like is not None else ():
+            if (Path(like) / name).is_file():
+                shutil.copy2(Path(like) / name, tmp / name)
         (tmp / MERGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

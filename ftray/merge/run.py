@@ -71,4 +71,4 @@ def merge_checkpoints(method: str, checkpoints: list[str], out: str | Path, base
         "method": merger.name, "paper": merger.paper, "params": merger.resolved(), "base": base,
         "base_model": shared, "checkpoints": [str(c) for c in checkpoints], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    return write_merged(model, tokenizer, out, record)
+    return write_merged(model, tokenizer, out, record, like=checkpoints[0])

@@ -87,6 +87,9 @@ class Method:
     # extra `ftray bench methods` measurements, for it and its baseline: "prompt_spread" or "module:function"
     # (function(final_dir, eval_n, out_dir) -> row columns; see ftray.bench.methods.metric_function)
     bench_metrics: ClassVar[tuple[str, ...]] = ()
+    # the baseline's `methods` list in `ftray bench methods` when "the same run without the method" is not the fair
+    # comparison (e.g. MPCC's RL against its own SFT on the same masked rows); None = drop the method
+    bench_baseline: ClassVar[list[dict[str, Any]] | None] = None
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

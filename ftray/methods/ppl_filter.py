@@ -8,7 +8,7 @@ whole pool); high-perplexity rows are mostly noise (garbled text, mismatched pai
 
 Decisions:
 - The scorer is the run's own model before training (or `scorer`, any model id/path), through
-  `ResponseScorer` on Ray Data. `scope: response` scores the reply given the prompt (the SFT analogue of
+  `ResponseScorer` on Ray Data (`VLMScorer` for task.type vision_language: the reply given image and prompt). `scope: response` scores the reply given the prompt (the SFT analogue of
   POINTS' "caption given the image"); `scope: all` scores every token of the rendered example.
 - Ties are broken by row order, so exactly ⌈r·N⌉ rows come out and every kept ppl ≤ every dropped ppl.
 - The output keeps the input order (training shuffles anyway) and adds a `ppl` column.
@@ -97,13 +97,24 @@ class PplFilter(Method):
     # the noisy arithmetic pool (30% injected noise rows); the baseline is plain SFT on the whole pool
     bench = {"data": {"source": BENCH_POOL, "eval_source": "bundled:arithmetic"}}
     bench_metrics = ("ftray.methods.ppl_filter:selection_metrics",)
+    tasks = ("causal_lm", "vision_language")
+
+    def check(self, spec: Any) -> None:
+        """A VLM's rows are scored on their replies (given image and prompt) only."""
+        if spec.task.type == "vision_language" and self.config.scope != "response":
+            raise ValueError("methods.ppl_filter.scope: task.type=vision_language scores the reply given the image; use scope: response")
 
     def prepare_data(self, ds: ray.data.Dataset, ctx: Context) -> ray.data.Dataset:
         """Score each row (Ray Data actors), keep the ⌈keep_ratio·N⌉ lowest-perplexity rows."""
         from ftray.data.inference import ResponseScorer, map_model
 
         c = self.config
-        scored = map_model(ds, ResponseScorer, ctx, scope=c.scope, model=c.scorer).materialize()
+        if ctx.spec.task.type == "vision_language":  # POINTS' own setting: the caption given the image, scored by the VLM
+            from ftray.data.vlm_inference import VLMScorer
+
+            scored = map_model(ds, VLMScorer, ctx, model=c.scorer).materialize()
+        else:
+            scored = map_model(ds, ResponseScorer, ctx, scope=c.scope, model=c.scorer).materialize()
         ppl = [r["ppl"] for r in scored.select_columns(["ppl"]).take_all()]
         k = math.ceil(c.keep_ratio * len(ppl))
         keep = lowest(ppl, k)

@@ -45,6 +45,61 @@ class HeldOut:
         return first, second
 
 
+@dataclass
+class VLMHeldOut:
+    """Held-out `{images, messages}` rows scored with a vision-language model: −(token-mean reply loss), or the
+    exact match of greedy replies (POINTS' greedy soup over VLM checkpoints)."""
+
+    name: str
+    rows: list[dict]
+    metric: Score
+    processor: Any
+    max_len: int = 1024
+    batch_size: int = 4
+
+    def score(self, model: Any) -> float:
+        """−loss or exact match of `model` on these rows."""
+        import datasets
+        import torch
+
+        from ftray.config import build_spec
+        from ftray.tasks.vision_language import VisionLanguage, evaluate_vision_language
+
+        if self.metric == "exact_match":
+            return evaluate_vision_language(model, self.processor, self.rows)["exact_match"]
+        task = VisionLanguage(build_spec({"task": {"type": "vision_language"}, "data": {"max_len": self.max_len}}))
+        task._processor = self.processor
+        tokenized = task.tokenize(datasets.Dataset.from_list(self.rows), self.processor.tokenizer, self.name)
+        total, count = 0.0, 0
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(tokenized), self.batch_size):
+                batch = task.collate(tokenized[i : i + self.batch_size], self.processor.tokenizer.pad_token_id)
+                _, loss_sum, n = task.forward_and_loss(model, batch, None)
+                total, count = total + float(loss_sum), count + int(n)
+        return -total / max(1, count)
+
+    def halves(self) -> tuple[VLMHeldOut, VLMHeldOut]:
+        """First and second half of the rows."""
+        n = len(self.rows) // 2
+        return replace(self, name=f"{self.name}[:{n}]", rows=self.rows[:n]), replace(self, name=f"{self.name}[{n}:]", rows=self.rows[n:])
+
+
+def held_out_for(checkpoint: str, source: str, split: str, max_samples: int | None, metric: Score = "loss",
+                 max_len: int = 512) -> HeldOut | VLMHeldOut:
+    """The held-out scorer for soups of `checkpoint`'s kind: a VLM checkpoint (its spec's task.type) scores
+    image rows with its processor, any other the text rows with its tokenizer."""
+    from ftray.eval.loading import task_of
+
+    if task_of(checkpoint)[0] != "vision_language":
+        return load_held_out(source, split, max_samples, tokenizer_of(checkpoint), metric, max_len)
+    from ftray.models import load_processor
+
+    if metric not in ("loss", "exact_match"):
+        raise ValueError(f"held-out score {metric!r}: use 'loss' or 'exact_match'")
+    return VLMHeldOut(f"{source}[{split}]", load_rows(source, split, max_samples).to_list(), metric, load_processor(checkpoint), max_len)
+
+
 def display(metric: Score, score: float) -> float:
     """A score as people read it: the loss itself (lower is better), or exact match."""
     return -score if metric == "loss" else score

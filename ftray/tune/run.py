@@ -86,14 +86,13 @@ def make_soup(kind: str, checkpoints: list[str], out: str, spec_dict: dict, scor
     """Ray task body: load the held-out split of the spec's eval data, soup, compare with the singles."""
     import torch
 
-    from ftray.tune.heldout import load_held_out, tokenizer_of
+    from ftray.tune.heldout import held_out_for
     from ftray.tune.soups import soup_vs_singles
 
     torch.set_num_threads(threads)
     spec = RunSpec.model_validate(spec_dict)
     d = spec.data
-    tokenizer = tokenizer_of(checkpoints[0])
-    held_out = load_held_out(d.eval_source or d.source, d.eval_split, d.eval_max_samples, tokenizer, score, d.max_len)
+    held_out = held_out_for(checkpoints[0], d.eval_source or d.source, d.eval_split, d.eval_max_samples, score, d.max_len)
     return soup_vs_singles(kind, checkpoints, out, held_out)
 
 

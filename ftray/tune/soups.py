@@ -19,7 +19,7 @@ import torch
 from ftray.merge import merge_checkpoints
 from ftray.merge.checkpoints import add_into, check_compatible, check_out, check_same_tensors, describe, write_merged
 from ftray.merge.run import load_weights
-from ftray.tune.heldout import HeldOut
+from ftray.tune.heldout import HeldOut, VLMHeldOut
 
 
 @dataclass
@@ -50,7 +50,7 @@ def set_mean(model: Any, summed: dict[str, torch.Tensor], count: int, extra: dic
     return model
 
 
-def greedy_soup(checkpoints: list[str], held_out: HeldOut, out: str | Path) -> SoupResult:
+def greedy_soup(checkpoints: list[str], held_out: HeldOut | VLMHeldOut, out: str | Path) -> SoupResult:
     """Model soups' greedy recipe: add ingredients in order of held-out score while the score strictly rises."""
     check_out(Path(out))
     shared = check_compatible([describe(c) for c in checkpoints])
@@ -73,7 +73,7 @@ def greedy_soup(checkpoints: list[str], held_out: HeldOut, out: str | Path) -> S
         "candidates": [{"checkpoint": c, "score": scores[c]} for c in order],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    path = write_merged(model, tokenizer, out, record)
+    path = write_merged(model, tokenizer, out, record, like=order[0])
     return SoupResult(path, "greedy", accepted, order, scores, best)
 
 

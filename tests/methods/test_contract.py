@@ -127,15 +127,18 @@ DATA_METHODS = [n for n in NAMES if "prepare_data" in REGISTRY[n].hooks()]
 
 
 @pytest.mark.parametrize("name", DATA_METHODS)
-def test_prepare_data_on_32_rows_gives_valid_rows_a_report_and_then_the_cache(name, tiny_model_dir, tiny_tokenizer, tmp_path, ray_local):
-    """The method's bench data (or the default), 32 rows, the tiny random model: rows the task can tokenize,
-    the method's entry in data_report.json, and the same rows from the cache on a second call."""
+def test_prepare_data_on_32_rows_gives_valid_rows_a_report_and_then_the_cache(name, tiny_model_dir, tiny_tokenizer, tmp_path, ray_local, request):
+    """The method's bench data (or the default), 32 rows, the tiny random model (LLaVA for VLM methods): rows the
+    task can tokenize, the method's entry in data_report.json, and the same rows from the cache on a second call."""
     import json
 
     from ftray.data.prepare import REPORT, prepare_training_data
     from ftray.train.trainer import training_source_rows
 
     bench = copy.deepcopy(REGISTRY[name].bench)
+    if bench.get("task", {}).get("type") == "vision_language":
+        tiny_model_dir = request.getfixturevalue("tiny_llava_dir")
+        tiny_tokenizer = get_task(build_spec({"model": {"name": str(tiny_model_dir)}, "task": {"type": "vision_language"}})).processor.tokenizer
     data = {**bench.get("data", {}), "max_samples": 32, "max_len": max(128, bench.get("data", {}).get("max_len", 128))}
     methods_entry = next((m for m in bench.get("methods", []) if m["name"] == name), {"name": name})
     spec = build_spec({"model": {"name": str(tiny_model_dir)}, "data": data, "task": bench.get("task", {}),

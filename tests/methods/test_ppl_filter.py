@@ -36,3 +36,22 @@ def test_keeps_ceil_r_n_lowest_perplexity_rows(tiny_model_dir, tiny_tokenizer, r
     assert report["max_kept_ppl"] <= report["min_dropped_ppl"]
     assert sum(report["kept_by_source"].values()) == 7 and sum(report["in_by_source"].values()) == 23
     assert [r["question"] for r in out] == [r["question"] for r in rows if r["question"] in kept]  # pool order kept
+
+
+def test_on_image_rows_the_vlm_scores_the_reply_given_the_image_and_keeps_the_lowest(tiny_llava_dir, ray_local):
+    """POINTS' own setting: the VLM's perplexity of each reply given its image; exactly ⌈r·N⌉ rows, all below the dropped."""
+    import ray.data
+
+    from ftray.data.vlm_inference import VLMScorer
+    from ftray.tasks import get_task
+
+    rows = load_rows("bundled:shapes_vqa", max_samples=10).to_list()
+    spec = build_spec({"model": {"name": str(tiny_llava_dir)}, "task": {"type": "vision_language"},
+                       "methods": [{"name": "ppl_filter", "keep_ratio": 0.4}]})
+    tokenizer = get_task(spec).processor.tokenizer
+    out, report = prepare(build_methods(spec.methods)[0], rows, spec, tokenizer)
+    assert len(out) == report["rows_kept"] == 4
+    scored = map_model(ray.data.from_items(rows), VLMScorer, Context(spec=spec, tokenizer=tokenizer)).take_all()
+    ppl = {r["images"][0]: r["ppl"] for r in scored}
+    kept = {r["images"][0] for r in out}
+    assert max(ppl[k] for k in kept) <= min(p for k, p in ppl.items() if k not in kept)
