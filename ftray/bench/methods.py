@@ -173,8 +173,10 @@ def add_metric(row: dict[str, Any], metric: str, eval_n: int, out: Path) -> dict
 def markdown(report: dict[str, Any]) -> str:
     """The table: each method with its deltas against its baseline (plain SFT or plain LoRA)."""
     by_name = {r.get("run", r["method"]): r for r in report["rows"]}
+    title = (f"{report['model']}, {report['steps']} steps × {report['examples_per_step']} examples" if report.get("untuned")
+             else f"vision-language rows on {report.get('vlm_model')}, steps as in each row")
     lines = [
-        f"# ftray bench methods — {report['model']}, {report['steps']} steps × {report['examples_per_step']} examples, seed 0",
+        f"# ftray bench methods — {title}, seed 0",
         "",
         (f"Untuned model: arithmetic EM {report['untuned']['arith_em']:.2f}, factual-QA EM {report['untuned']['qa_em']:.2f} "
          f"(the forgetting probe's reference)." if report.get("untuned") else "No text method in this run."),
@@ -205,14 +207,15 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         model = f" on {report.get('vlm_model')}" if task == "vision_language" else ""
         lines += ["", f"## {task}{model}: each method against the same run without it (Δ in brackets)", "",
-                  f"| method | data | baseline run | {' | '.join(keys)} | s/step (× baseline) | forwards / micro-batch |",
-                  "| --- | --- | --- | " + "---: | " * (len(keys) + 2)]
+                  f"| method | data | baseline run | steps | {' | '.join(keys)} | s/step (× baseline) | forwards / micro-batch |",
+                  "| --- | --- | --- | ---: | " + "---: | " * (len(keys) + 2)]
         for r in rows:
             base = by_name.get(r.get("baseline_run") or "")
             cells = [f"{r[k]:.3f}" + (f" ({r[k] - base[k]:+.3f})" if base and r[k] is not None and base[k] is not None else "")
                      if r[k] is not None else "–" for k in keys]
             ratio = f" ({r['s_per_step'] / base['s_per_step']:.2f}×)" if base and r.get("s_per_step") and base.get("s_per_step") else ""
-            lines.append(f"| {r.get('run', r['method'])} | {r['data']} | {r.get('baseline_run') or '–'} | {' | '.join(cells)} "
+            steps = (r.get("spec") or {}).get("train", {}).get("max_steps", "–")
+            lines.append(f"| {r.get('run', r['method'])} | {r['data']} | {r.get('baseline_run') or '–'} | {steps} | {' | '.join(cells)} "
                          f"| {r.get('s_per_step')}{ratio} | {r.get('forwards_per_batch')} |")
     return "\n".join(lines) + "\n"
 
@@ -220,7 +223,10 @@ def markdown(report: dict[str, Any]) -> str:
 def extra_lines(report: dict[str, Any], by_name: dict[str, Any]) -> list[str]:
     """One table per extra measurement (a method's `bench_metrics`): the method's value, then its baseline's."""
     lines: list[str] = []
+    baselines = {r.get("baseline_run") for r in report["rows"]}
     for r in report["rows"]:
+        if r.get("run") in baselines:  # a baseline's numbers appear in its method's table
+            continue
         base = by_name.get(r.get("baseline_run") or "") or by_name.get(REGISTRY[r["method"]].baseline)
         for metric, keys in (r.get("extra_metrics") or {}).items():
             if metric == "prompt_spread" or not isinstance(r.get("extra_metrics"), dict) or r["method"] == BASELINE:
