@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -118,6 +119,7 @@ def soup(
 ) -> None:
     """Model soup (uniform, or greedy on held-out data) of checkpoints that share a base model."""
     from ftray.merge import MergeError
+    from ftray.models import ModelLoadError
     from ftray.tune.heldout import held_out_for
     from ftray.tune.soups import greedy_soup, uniform_soup
 
@@ -127,7 +129,7 @@ def soup(
             result = greedy_soup(checkpoints, held_out, out)
         else:
             result = uniform_soup(checkpoints, out)
-    except (MergeError, ValueError, OSError) as err:
+    except (MergeError, ModelLoadError, ValueError, OSError) as err:
         _fail(f"error: {err}")
     typer.echo(json.dumps({"out": str(result.path), "kind": result.kind, "ingredients": result.ingredients,
                            "scores": result.scores, "soup_score": result.score}, indent=2))
@@ -195,6 +197,10 @@ def eval_cmd(
     from ftray.eval.edits import evaluate_edits_on_ray
     from ftray.train.trainer import ensure_ray
 
+    from ftray.models import _looks_like_path
+
+    if _looks_like_path(model) and not Path(model).expanduser().exists():  # before Ray starts: a clear error, not a task trace
+        _fail(f"error: {model} does not exist (pass a checkpoint directory, a model path, an alias or a hub id)")
     if shifts is not None:
         return _eval_shifts(model, shifts, severities, out, source, split or "test", max_samples, max_new_tokens or 32)
     ensure_ray()

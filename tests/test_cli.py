@@ -53,3 +53,9 @@ def test_methods_lists_papers_hooks_and_defaults():
     assert "2404.18466" in rows["hft"]["paper"]
     assert rows["lora"]["hooks"] == ["prepare_model"]
     assert rows["car"]["tasks"] == ["classification"] and "retrieval" in rows["lora"]["tasks"]
+
+
+def test_eval_and_soup_of_a_missing_checkpoint_fail_with_a_one_line_error(tmp_path):
+    for args in (["eval", str(tmp_path / "nope")], ["soup", str(tmp_path / "a"), str(tmp_path / "b"), "--greedy", "--out", str(tmp_path / "s")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code != 0 and "does not exist" in result.output and "Traceback" not in result.output
