@@ -366,12 +366,13 @@ def bench_boost(
     model: str = typer.Option("smollm2-135m", help="Base of the untrained 2-member chain built when --chain is not given."),
     chain: str = typer.Option(None, help="A chain directory (ftray boost's <name>-chain/); default: an untrained chain on --model."),
     threads: int = typer.Option(1, help="CPUs (Ray) and torch threads per member actor."),
+    every: int = typer.Option(4, help="Without --chain: CMA after every N-th layer (4: the method's default; the recipe uses 10)."),
 ) -> None:
     """LLMBoost chain serving: pipelined vs sequential vs a single member, per-token latency and tokens/s."""
     from ftray.bench.boost import main
 
     main(tokens=tokens, repeats=repeats, batches=tuple(int(b) for b in batches.split(",") if b.strip()), out_dir=out,
-         model=model, chain=chain, threads=threads)
+         model=model, chain=chain, threads=threads, every=every)
 
 
 @bench_app.command("serve-throughput")

@@ -114,7 +114,7 @@ def transport(calls: int = 200, hidden: int = 576) -> dict[str, float]:
 
 
 def main(tokens: int = 32, repeats: int = 3, batches: tuple[int, ...] = (1, 8), out_dir: str = "bench_results",
-         model: str = DEFAULT_MODEL, chain: str | None = None, threads: int = 1) -> dict[str, Any]:
+         model: str = DEFAULT_MODEL, chain: str | None = None, threads: int = 1, every: int = 4) -> dict[str, Any]:
     """Time a single member, the sequential chain and the pipelined chain; write JSON + markdown; return the report."""
     from serving.boost import BoostMember, ChainGraph, start_members
 
@@ -125,7 +125,7 @@ def main(tokens: int = 32, repeats: int = 3, batches: tuple[int, ...] = (1, 8), 
     ensure_ray()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    chain = chain or build_chain(model, out / "boost_chain")
+    chain = chain or build_chain(model, out / f"boost_chain_every{every}", every=every)
     cfg = LlmBoostConfig.from_pretrained(chain)
     tok = load_checkpoint_tokenizer(chain)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
