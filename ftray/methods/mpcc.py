@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field
 
+from ftray.data.tokenize import IGNORE_INDEX
 from ftray.methods.base import Context, Method, MethodConfig, stable_seed
 from ftray.methods.registry import register
 
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     import ray.data
 
 QUESTION = "What is hidden under the grey box?"
-IGNORE_INDEX = -100
 
 
 class MPCCConfig(MethodConfig):
