@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ftray.config import RunSpec
-from ftray.methods.llmboost_model import MANIFEST
+from ftray.methods.llmboost.model import MANIFEST
 
 
 def chain_paths(spec: RunSpec, recipe: str | None) -> tuple[Path, str]:

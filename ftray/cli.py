@@ -321,11 +321,13 @@ def bench_data_throughput(
     batch_size: int = typer.Option(16, help="Rows per forward pass (both contenders)."),
     out: str = typer.Option("bench_results", help="Directory for JSON and markdown."),
     model: str = typer.Option("smollm2-135m"),
+    actors: Optional[int] = typer.Option(None, help="Inference actors (default: ftray's choice from the free CPUs)."),
+    threads: Optional[int] = typer.Option(None, help="Threads per actor (default: ftray's choice)."),
 ) -> None:
     """Perplexity scoring through ftray's Ray Data path vs a plain batched loop: rows/s, start-up, identical scores."""
     from ftray.bench.data_throughput import main
 
-    main(rows=rows, tokens=tokens, batch_size=batch_size, out_dir=out, model=model)
+    main(rows=rows, tokens=tokens, batch_size=batch_size, out_dir=out, model=model, actors=actors, threads=threads)
 
 
 @bench_app.command("train-throughput")

@@ -1,6 +1,6 @@
 """LLMBoost chains served as one OpenAI model: one Ray actor per member, pipelined through a Ray Compiled Graph.
 
-A chain directory (``ftray boost`` / ``ftray train llmboost``; `ftray.methods.llmboost_model`) is served by a
+A chain directory (``ftray boost`` / ``ftray train llmboost``; `ftray.methods.llmboost.model`) is served by a
 `BoostEngine` replica that owns one `BoostMember` actor per member. Each actor loads the chain but keeps only
 its member (the shared base with that member's LoRA and its CMA blocks) and its own KV caches, and gets its
 own CPUs (`member_num_cpus`, that many torch threads), so on a 2-core machine the two members of a chain run
@@ -69,7 +69,7 @@ class BoostMember:
 
     def __init__(self, path: str, member: int, dtype: str = "float32", num_threads: int = 1, head: bool = False):
         torch.set_num_threads(max(1, num_threads))
-        from ftray.methods.llmboost_model import LlmBoostForCausalLM
+        from ftray.methods.llmboost.model import LlmBoostForCausalLM
         from ftray.models import default_autocast_dtype
 
         chain = LlmBoostForCausalLM.from_pretrained(path, members=member + 1)
@@ -109,7 +109,7 @@ class BoostMember:
 
     def begin(self, inp: dict) -> torch.Tensor | None:
         """Open the step `inp` asks for and run segment 0's layers; returns member's state before its first CMA."""
-        from ftray.methods.llmboost_model import MemberCache
+        from ftray.methods.llmboost.model import MemberCache
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
         from transformers.masking_utils import create_causal_mask
@@ -310,7 +310,7 @@ class BoostEngine(TextEngine):
 
     def __init__(self, ensemble: dict):
         from ftray.eval.loading import load_checkpoint_tokenizer
-        from ftray.methods.llmboost_model import LlmBoostConfig
+        from ftray.methods.llmboost.model import LlmBoostConfig
 
         self.cfg = BoostEnsembleConfig.model_validate(ensemble)
         chain = LlmBoostConfig.from_pretrained(self.cfg.path)

@@ -33,7 +33,7 @@ PROMPT = "Question: A baker has 12 trays with 7 rolls each. How many rolls are t
 
 def build_chain(model: str, out: Path, members: int = 2, every: int = 4) -> str:
     """An untrained chain on `model` (fresh LoRA r=16 on all linear layers, zero-init CMA at every `every`-th layer)."""
-    from ftray.methods.llmboost_model import LlmBoostConfig, LlmBoostForCausalLM
+    from ftray.methods.llmboost.model import LlmBoostConfig, LlmBoostForCausalLM
     from ftray.models import load_model, load_tokenizer
 
     base = load_model(model)
@@ -119,7 +119,7 @@ def main(tokens: int = 32, repeats: int = 3, batches: tuple[int, ...] = (1, 8), 
     from serving.boost import BoostMember, ChainGraph, start_members
 
     from ftray.eval.loading import load_checkpoint_tokenizer
-    from ftray.methods.llmboost_model import LlmBoostConfig
+    from ftray.methods.llmboost.model import LlmBoostConfig
     from ftray.train.trainer import ensure_ray
 
     ensure_ray()

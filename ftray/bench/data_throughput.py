@@ -1,14 +1,17 @@
 """`ftray bench data-throughput`: scoring rows through ftray's Ray Data path vs a plain batched loop.
 
-Both contenders compute the same thing with the same function (`ftray.data.inference.score_rows`):
-the perplexity of N rows of `tokens` tokens each under the model, in batches of `batch_size`, bf16
-autocast where the CPU has it. The plain loop runs in this process on all the threads the Ray
-actors get in total; ftray's path is `map_model(ds, ResponseScorer, ...)`, the code every data
-method uses, with the actor pool it picks by itself (or `--actors/--threads`). Timings include
-start-up (model load, tokenization; for Ray Data also actor start) and are also split into start-up
-(time to the first scored batch less one batch's cost) and steady-state rows/s. The scores of the two
-paths are compared row by row. A second Ray Data pass with 1 and then 2 one-thread actors reports how
-the same code scales out with actors (on a cluster: with nodes).
+Both contenders run the same scorer, `ftray.data.inference.ResponseScorer` (tokenize with the run's task,
+perplexity of every token, bf16 autocast where the CPU has it), on the same batches of `batch_size`
+rows, so their scores must be identical. The plain loop builds one scorer in this process with all the
+threads the Ray actors get in total and calls it batch by batch; ftray's path is
+`map_model(ds, ResponseScorer, ...)`, the code every data method uses, with the actor pool it picks by
+itself (or `--actors/--threads`). Totals include start-up (model load; for Ray Data also actor start).
+
+Start-up and per-row cost come from the scorers' own clocks: each stamps when its model is loaded and
+when each batch is done (`TimedScorer`, ResponseScorer plus two columns). Start-up is the time until the
+first scorer is ready; steady rows/s are the rows over the time from then to the last batch. (Stamps on
+the driver cannot do this: Ray Data hands several actors' blocks back in bursts.) A second pass with 1
+and then 2 one-thread actors reports how the same code scales out with actors (on a cluster: with nodes).
 
     ftray bench data-throughput --rows 2000
 """
@@ -18,15 +21,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import torch
+import pyarrow as pa
 
 from ftray.config import build_spec
 from ftray.data import load_rows
-from ftray.data.inference import ResponseScorer, map_model, score_rows
+from ftray.data.inference import ResponseScorer, map_model, pool_size
 from ftray.methods import Context
-from ftray.models import DEFAULT_MODEL, default_autocast_dtype, load_model, load_tokenizer
+from ftray.models import DEFAULT_MODEL, default_autocast_dtype
 
 
 def bench_rows(n: int) -> list[dict]:
@@ -39,94 +42,93 @@ def bench_rows(n: int) -> list[dict]:
     return rows
 
 
-def rate(seconds_per_row: float) -> float | None:
-    """Rows per second, or None when too few batches arrived apart to time (a tiny run)."""
-    return round(1 / seconds_per_row, 2) if seconds_per_row > 0 else None
+class TimedScorer(ResponseScorer):
+    """ResponseScorer that also stamps (wall clock) when it was ready and when each batch was done."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ready = time.time()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score one batch; adds `t_ready` and `t_done`."""
+        out = super().__call__(batch)
+        return out.append_column("t_ready", pa.array([self.ready] * out.num_rows)).append_column("t_done", pa.array([time.time()] * out.num_rows))
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    """a / b, or None when either is unknown."""
-    return round(a / b, 3) if a and b else None
-
-
-def plain_loop(spec: Any, rows: list[dict], threads: int) -> dict[str, Any]:
-    """The baseline: one process, one model, a Python loop over batches."""
-    from ftray.tasks import get_task
+def plain_loop(spec: Any, table: pa.Table, threads: int) -> pa.Table:
+    """The baseline: one process, one scorer, a Python loop over batches."""
+    import torch
 
     prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        t0 = time.perf_counter()
-        model, tok = load_model(spec.model.name).eval(), load_tokenizer(spec.model.name)
-        import datasets
-
-        tokenized = [{**r, "labels": r["input_ids"]} for r in get_task(spec).tokenize(datasets.Dataset.from_list(rows), tok, "bench")]
-        amp, bs = default_autocast_dtype("cpu"), spec.data.infer_batch_size
-        startup = time.perf_counter() - t0
-        nll, times = [], []
-        for i in range(0, len(tokenized), bs):
-            nll += score_rows(model, tokenized[i:i + bs], tok.pad_token_id, amp)["nll"]
-            times.append(time.perf_counter())
-        total = time.perf_counter() - t0
+        scorer = TimedScorer(spec.model_dump(mode="json"), threads=threads, scope="all")
+        bs = spec.data.infer_batch_size
+        return pa.concat_tables([scorer(table.slice(i, bs)) for i in range(0, table.num_rows, bs)])
     finally:
         torch.set_num_threads(prev)
-    steady = (times[-1] - times[0]) / max(1, len(times) - 1) / bs  # s per row after the first batch
-    return {"contender": f"plain loop ({threads} threads)", "total_s": round(total, 2), "rows_per_s": round(len(rows) / total, 2),
-            "startup_s": round(startup, 2), "steady_rows_per_s": rate(steady), "nll": nll,
-            "tokens": [len(r["input_ids"]) for r in tokenized]}
 
 
-def ray_data(spec: Any, rows: list[dict], actors: int | None = None, threads: int | None = None) -> dict[str, Any]:
+def ray_data(spec: Any, table: pa.Table) -> pa.Table:
     """ftray's path: the rows as a Ray Dataset, scored by ResponseScorer actors (as data methods do)."""
-    import pyarrow as pa
     import ray.data
 
-    from ftray.data.inference import pool_size
     from ftray.data.prepare import blocks_of
 
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.from_arrow(blocks_of(table, spec.data.infer_batch_size))
+    out = map_model(ds, TimedScorer, Context(spec=spec, tokenizer=None), scope="all")
+    return pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
+
+
+def timed(name: str, run: Callable[[pa.Table], pa.Table], rows: list[dict], **info: Any) -> dict[str, Any]:
+    """Run a contender on `rows`: total and rows/s from the driver's clock, start-up and steady rows/s from the scorers'."""
+    t0 = time.time()
+    out = run(pa.Table.from_pylist(rows))
+    total = time.time() - t0
+    ready, done = min(out.column("t_ready").to_pylist()), max(out.column("t_done").to_pylist())
+    n = len(rows)
+    return {"contender": name, **info, "total_s": round(total, 2), "rows_per_s": round(n / total, 2),
+            "startup_s": round(ready - t0, 2), "ms_per_row": round(1000 * (done - ready) / n, 1),
+            "steady_rows_per_s": round(n / (done - ready), 2) if done > ready else None, "nll": out.column("nll").to_pylist()}
+
+
+def with_pool(spec: Any, actors: int | None, threads: int | None) -> Any:
+    """A copy of `spec` whose inference pool is `actors` × `threads` (None: ftray's own choice)."""
     spec = spec.model_copy(deep=True)
     spec.data.actors, spec.data.actor_threads = actors, threads
-    n_actors, n_threads, _ = pool_size(spec)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    t0 = time.perf_counter()
-    ds = ray.data.from_arrow(blocks_of(pa.Table.from_pylist(rows), spec.data.infer_batch_size * 4))
-    out = map_model(ds, ResponseScorer, Context(spec=spec, tokenizer=None), scope="all")
-    nll, stamps = [], []
-    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-        nll += batch.column("nll").to_pylist()
-        stamps.append((time.perf_counter(), batch.num_rows))
-    total = time.perf_counter() - t0
-    later = sum(n for _, n in stamps[1:])
-    steady = (stamps[-1][0] - stamps[0][0]) / max(1, later)
-    first = stamps[0][0] - t0
-    return {"contender": f"Ray Data ({n_actors} actor{'s' * (n_actors > 1)} × {n_threads} thread{'s' * (n_threads > 1)})",
-            "actors": n_actors, "threads": n_threads, "total_s": round(total, 2), "rows_per_s": round(len(rows) / total, 2),
-            "startup_s": round(max(0.0, first - steady * stamps[0][1]), 2), "steady_rows_per_s": rate(steady), "nll": nll}
+    return spec
 
 
 def main(rows: int = 2000, tokens: int = 128, batch_size: int = 16, out_dir: str = "bench_results", model: str = DEFAULT_MODEL,
-         scaling_rows: int = 256) -> dict[str, Any]:
+         scaling_rows: int = 256, actors: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """Run both contenders (and the 1 → 2 actor scaling pass), write data_throughput.{json,md}; returns the report."""
+    import ray
+
     from ftray.train.trainer import ensure_ray
 
     ensure_ray()
     spec = build_spec({"model": {"name": model}, "data": {"max_len": tokens, "infer_batch_size": batch_size},
                        "output": {"dir": str(Path(out_dir) / "runs")}})
     spec.data.packing = False
+    spec = with_pool(spec, actors, threads)
+    n_actors, n_threads, _ = pool_size(spec)
     data = bench_rows(rows)
-    fast = ray_data(spec, data)
-    plain = plain_loop(spec, data, threads=fast["actors"] * fast["threads"])
+    fast = timed(f"Ray Data ({n_actors} actor{'s' * (n_actors > 1)} × {n_threads} thread{'s' * (n_threads > 1)})",
+                 lambda t: ray_data(spec, t), data, actors=n_actors, threads=n_threads)
+    plain = timed(f"plain loop ({n_actors * n_threads} threads)", lambda t: plain_loop(spec, t, n_actors * n_threads), data)
     diff = max(abs(a - b) for a, b in zip(plain["nll"], fast["nll"]))
     small = bench_rows(scaling_rows)
-    scale = [ray_data(spec, small, actors=a, threads=1) for a in (1, 2)]
+    scale = [timed(f"{a} actor(s)", lambda t, s=with_pool(spec, a, 1): ray_data(s, t), small, actors=a) for a in (1, 2)]
+    strip = lambda c: {k: v for k, v in c.items() if k != "nll"}  # noqa: E731
     report = {
-        "model": model, "rows": rows, "tokens_per_row": sorted(set(plain.pop("tokens"))), "batch_size": batch_size,
-        "cpus": int(__import__("ray").cluster_resources().get("CPU", 0)), "bf16": default_autocast_dtype("cpu") is not None,
-        "contenders": [{k: v for k, v in c.items() if k != "nll"} for c in (plain, fast)],
-        "ratio_total": round(plain["total_s"] / fast["total_s"], 3), "ratio_steady": ratio(fast["steady_rows_per_s"], plain["steady_rows_per_s"]),
+        "model": model, "rows": rows, "tokens_per_row": tokens, "batch_size": batch_size,
+        "cpus": int(ray.cluster_resources().get("CPU", 0)), "bf16": default_autocast_dtype("cpu") is not None,
+        "contenders": [strip(plain), strip(fast)],
+        "ratio_total": round(fast["rows_per_s"] / plain["rows_per_s"], 3),
+        "ratio_steady": round(fast["steady_rows_per_s"] / plain["steady_rows_per_s"], 3) if fast["steady_rows_per_s"] and plain["steady_rows_per_s"] else None,
         "identical_scores": diff == 0.0, "max_abs_nll_diff": diff, "target": "Ray Data ≥ 0.95× plain rows/s at 2,000 rows, start-up included",
-        "scaling": {"rows": scaling_rows, "runs": [{k: v for k, v in c.items() if k != "nll"} for c in scale],
-                    "speedup_1_to_2_actors": ratio(scale[1]["steady_rows_per_s"], scale[0]["steady_rows_per_s"])},
+        "scaling": {"rows": scaling_rows, "runs": [strip(c) for c in scale],
+                    "speedup_1_to_2_actors": round(scale[0]["ms_per_row"] / scale[1]["ms_per_row"], 3) if scale[1]["ms_per_row"] else None},
     }
     report["pass"] = report["ratio_total"] >= 0.95
     out = Path(out_dir)
@@ -141,12 +143,16 @@ def markdown(r: dict[str, Any]) -> str:
     """The report as a markdown table plus the verdict."""
     lines = [f"# ftray bench data-throughput — {r['model']}, {r['rows']} rows × {r['tokens_per_row']} tokens, batch {r['batch_size']}, "
              f"{r['cpus']} CPUs, bf16 autocast {'on' if r['bf16'] else 'off'}", "",
-             "| contender | total s | rows/s (start-up included) | start-up s | steady rows/s |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {c['contender']} | {c['total_s']} | {c['rows_per_s']} | {c['startup_s']} | {c['steady_rows_per_s']} |" for c in r["contenders"]]
+             "| contender | total s | rows/s (start-up included) | start-up s | ms per row | steady rows/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {c['contender']} | {c['total_s']} | {c['rows_per_s']} | {c['startup_s']} | {c['ms_per_row']} | {c['steady_rows_per_s']} |"
+              for c in r["contenders"]]
     lines += ["", f"Ray Data / plain, start-up included: **{r['ratio_total']:.3f}×** (target ≥ 0.95×: {'PASS' if r['pass'] else 'FAIL'}); "
               f"steady state {r['ratio_steady']}×. Scores identical: {r['identical_scores']} (max |Δ nll| {r['max_abs_nll_diff']:.2e}).", "",
+              "Start-up: until the first scorer has its model loaded; ms per row and steady rows/s: from then to the last batch "
+              "(the scorers' own clocks).", "",
               f"Scaling out by actors ({r['scaling']['rows']} rows, one thread each):", "",
-              "| actors | total s | start-up s | steady rows/s |", "| ---: | ---: | ---: | ---: |"]
-    lines += [f"| {c['actors']} | {c['total_s']} | {c['startup_s']} | {c['steady_rows_per_s']} |" for c in r["scaling"]["runs"]]
+              "| actors | total s | start-up s | ms per row | steady rows/s |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {c['actors']} | {c['total_s']} | {c['startup_s']} | {c['ms_per_row']} | {c['steady_rows_per_s']} |" for c in r["scaling"]["runs"]]
     lines += ["", f"1 → 2 actors: {r['scaling']['speedup_1_to_2_actors']}× steady rows/s."]
     return "\n".join(lines) + "\n"

@@ -428,14 +428,11 @@ def caption_metrics(final_dir: str, eval_n: int, out_dir: Path) -> dict[str, Any
     import yaml
 
     from ftray.data import load_rows
-    from ftray.eval.loading import load_checkpoint
-    from ftray.models import load_processor
-    from ftray.tasks.vision_language import generate_replies
+    from ftray.tasks.vision_language import checkpoint_replies
 
     spec_file = Path(final_dir) / "ftray_spec.yaml"
     methods = (yaml.safe_load(spec_file.read_text()) or {}).get("methods", []) if spec_file.exists() else []
     prompt = next((m.get("prompt", PROMPT) for m in methods if isinstance(m, dict) and m.get("name") == "knowada"), PROMPT)
     scenes = unique_scenes(load_rows("bundled:shapes_vqa", "test", None).to_list())[:eval_n]
-    model, _ = load_checkpoint(final_dir)
-    replies = generate_replies(model, load_processor(final_dir), [caption_row(s["images"], "", prompt) for s in scenes], max_new_tokens=96)
+    replies = checkpoint_replies(final_dir, [caption_row(s["images"], "", prompt) for s in scenes], max_new_tokens=96)
     return caption_scores(replies, [s["objects"] for s in scenes])

@@ -229,13 +229,10 @@ def bench_scores(final_dir: str, eval_n: int, out_dir: Path) -> dict[str, Any]:
     """Bench measurement: accuracy of greedy replies (their answer part) on masked-prediction rows from
     bundled:shapes_vqa test (one hidden object per scene, coverage 0.6)."""
     from ftray.data import load_rows
-    from ftray.eval.loading import load_checkpoint
-    from ftray.models import load_processor
-    from ftray.tasks.vision_language import generate_replies
+    from ftray.tasks.vision_language import checkpoint_replies
 
-    model, _ = load_checkpoint(final_dir)
     rng, cfg = random.Random(0), MPCCConfig(mode="sft_direct")
     rows = [m for r in load_rows("bundled:shapes_vqa", "test", eval_n).to_list() for m in masked_rows(r, cfg, rng)]
-    replies = generate_replies(model, load_processor(final_dir), rows, max_new_tokens=48)
+    replies = checkpoint_replies(final_dir, rows, max_new_tokens=48)
     hits = [final_answer(a) == r["answer"] for a, r in zip(replies, rows)]
     return {"masked_acc": round(sum(hits) / max(1, len(hits)), 4), "masked_n": len(hits)}

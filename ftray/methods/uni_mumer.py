@@ -218,11 +218,8 @@ class UniMuMER(Method):
 def bench_scores(final_dir: str, eval_n: int, out_dir: Path) -> dict[str, Any]:
     """Bench measurement: ExpRate / ≤1 / ≤2 and CER of greedy vanilla-prompt replies on bundled:math_images test."""
     from ftray.data import load_rows
-    from ftray.eval.loading import load_checkpoint
-    from ftray.models import load_processor
-    from ftray.tasks.vision_language import generate_replies
+    from ftray.tasks.vision_language import checkpoint_replies
 
-    model, _ = load_checkpoint(final_dir)
     rows = load_rows("bundled:math_images", "test", eval_n).to_list()
-    replies = generate_replies(model, load_processor(final_dir), rows, max_new_tokens=64)
+    replies = checkpoint_replies(final_dir, rows, max_new_tokens=64)
     return {k: round(v, 4) for k, v in hmer_scores(replies, [r["latex"] for r in rows]).items()}

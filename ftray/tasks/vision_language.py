@@ -292,6 +292,15 @@ def generate_replies(model: torch.nn.Module, processor: Any, rows: list[dict], m
     return replies
 
 
+def checkpoint_replies(final_dir: str, rows: list[dict], max_new_tokens: int = 32) -> list[str]:
+    """Greedy replies of the checkpoint at `final_dir` (model and its processor) to each raw row's prompt."""
+    from ftray.eval.loading import load_checkpoint
+    from ftray.models import load_processor
+
+    model, _ = load_checkpoint(final_dir)
+    return generate_replies(model, load_processor(final_dir), rows, max_new_tokens)
+
+
 def evaluate_vision_language(model: torch.nn.Module, processor: Any, rows: list[dict], max_new_tokens: int = 32) -> dict[str, Any]:
     """Exact match of greedy replies against each row's final assistant text (normalised), and a few examples."""
     replies = generate_replies(model, processor, rows, max_new_tokens)

@@ -14,7 +14,7 @@ from ftray.config import build_spec
 from ftray.eval.loading import load_checkpoint
 from ftray.methods import Context, build_methods
 from ftray.methods.levi import domain_metrics
-from ftray.methods.levi_model import LeviCache, LeviForCausalLM
+from ftray.methods.levi.model import LeviCache, LeviForCausalLM
 from ftray.models import load_model
 from ftray.train.loop import train_step
 from ftray.train.optim import build_optimizer, build_scheduler

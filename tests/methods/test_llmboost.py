@@ -15,7 +15,7 @@ from ftray.config import build_spec
 from ftray.eval.loading import load_checkpoint
 from ftray.methods import Context, build_methods
 from ftray.methods.llmboost import error_suppression, truncate_chain
-from ftray.methods.llmboost_model import LlmBoostCache, LlmBoostForCausalLM
+from ftray.methods.llmboost.model import LlmBoostCache, LlmBoostForCausalLM
 from ftray.models import load_model
 from ftray.train.loop import train_step
 from ftray.train.optim import build_optimizer, build_scheduler

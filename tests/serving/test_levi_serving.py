@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftray.config import build_spec
 from ftray.methods import Context, build_methods
-from ftray.methods.levi_model import LeviForCausalLM
+from ftray.methods.levi.model import LeviForCausalLM
 from ftray.models import load_model
 from serving.app import build_app
 from tests.serving.conftest import API_KEY, free_port

@@ -8,7 +8,7 @@ S) is trained with members < m frozen, on an error-suppression objective (spec (
     L = CE(z^m_t, y_t)·(1 + (w−1)·e_t) + λ·e_t·(−log(1 − p^m_t(ŷ^{m−1}_t))),   e_t = 𝟙[ŷ^{m−1}_t ≠ y_t]
 
 summed over response tokens and divided by their count (as the loop's CE is). The model is
-`ftray.methods.llmboost_model.LlmBoostForCausalLM` (see its docstring for the CMA block, the step API,
+`ftray.methods.llmboost.model.LlmBoostForCausalLM` (see its docstring for the CMA block, the step API,
 the KV cache and the checkpoint). This file is the method: building and growing the chain, the loss, the
 optimizer group and the bench's extra measurement. `ftray.boost` drives a chain with one Ray Train run per
 stage (`ftray boost RECIPE --members M`).
@@ -41,7 +41,7 @@ from pydantic import Field
 
 from ftray.methods.base import Context, Method, MethodConfig, Phase
 from ftray.methods.levi import base_name
-from ftray.methods.llmboost_model import MANIFEST, LlmBoostConfig, LlmBoostForCausalLM
+from ftray.methods.llmboost.model import MANIFEST, LlmBoostConfig, LlmBoostForCausalLM
 from ftray.methods.registry import register
 
 if TYPE_CHECKING:

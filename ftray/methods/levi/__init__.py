@@ -9,7 +9,7 @@ P's output space, and the mean of the K views' logits is trained with one cross-
     z_k = n(h_P^(L)) + A_k([n(h_P^(l_k)); g]),   logits = mean_k lm_head_P(z_k)
     L = CE(logits, y) + λ·(1/K)·Σ_k CE(lm_head_P(z_k), y)        (λ = per_view_loss, default 0)
 
-The model is `ftray.methods.levi_model.LeviForCausalLM` (see its docstring for the decisions on the
+The model is `ftray.methods.levi.model.LeviForCausalLM` (see its docstring for the decisions on the
 checkpoint, the residual start at P, the KV cache and G's architecture). This file is the method:
 building that model from the loaded P, the optimizer groups (G and A from scratch at `lr`, P's
 LoRA at `lora_lr`), the optional per-view loss, and the `ftray bench methods` setup.
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ftray.methods.base import Context, Method, MethodConfig
-from ftray.methods.levi_model import LeviConfig, LeviForCausalLM
+from ftray.methods.levi.model import LeviConfig, LeviForCausalLM
 from ftray.methods.registry import register
 
 if TYPE_CHECKING:
