@@ -323,11 +323,14 @@ def bench_data_throughput(
     model: str = typer.Option("smollm2-135m"),
     actors: Optional[int] = typer.Option(None, help="Inference actors (default: ftray's choice from the free CPUs)."),
     threads: Optional[int] = typer.Option(None, help="Threads per actor (default: ftray's choice)."),
+    scaling_rows: int = typer.Option(256, help="Rows scored by 1 and then 2 one-thread actors (the scaling pass)."),
+    check_rows: int = typer.Option(64, help="Rows rescored in the plain loop with the actors' threads for the bit-for-bit check."),
 ) -> None:
     """Perplexity scoring through ftray's Ray Data path vs a plain batched loop: rows/s, start-up, identical scores."""
     from ftray.bench.data_throughput import main
 
-    main(rows=rows, tokens=tokens, batch_size=batch_size, out_dir=out, model=model, actors=actors, threads=threads)
+    main(rows=rows, tokens=tokens, batch_size=batch_size, out_dir=out, model=model, actors=actors, threads=threads,
+         scaling_rows=scaling_rows, check_rows=check_rows)
 
 
 @bench_app.command("train-throughput")

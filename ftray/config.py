@@ -92,7 +92,7 @@ class DataSpec(_Section):
     recompute: bool = Field(False, description="Redo the methods' prepare_data even when its cache matches the inputs.")
     cache_dir: str | None = Field(None, description="Where prepared data is cached; default <output.dir>/data_cache.")
     actors: int | None = Field(None, ge=1, description="Ray Data actors for model inference over the data; default from the cluster's CPUs/GPUs.")
-    actor_threads: int | None = Field(None, ge=1, description="torch threads per inference actor on CPU; default CPUs / actors.")
+    actor_threads: int | None = Field(None, ge=1, description="torch threads per inference actor on CPU; default 1 (one actor per free CPU scales better than threads).")
     infer_batch_size: int = Field(16, ge=1, description="Rows per model-inference batch in prepare_data.")
 
 

@@ -2,10 +2,12 @@
 
 Both contenders run the same scorer, `ftray.data.inference.ResponseScorer` (tokenize with the run's task,
 perplexity of every token, bf16 autocast where the CPU has it), on the same batches of `batch_size`
-rows, so their scores must be identical. The plain loop builds one scorer in this process with all the
-threads the Ray actors get in total and calls it batch by batch; ftray's path is
+rows. The plain loop is one process (no Ray; `malloc_env` as for an actor) that builds one scorer with
+all the threads the Ray actors get in total and calls it batch by batch; ftray's path is
 `map_model(ds, ResponseScorer, ...)`, the code every data method uses, with the actor pool it picks by
 itself (or `--actors/--threads`). Totals include start-up (model load; for Ray Data also actor start).
+bf16 matmuls round differently with a different number of threads, so the identity check reruns the
+first rows in the plain loop with one actor's thread count and compares bit for bit.
 
 Start-up and per-row cost come from the scorers' own clocks: each stamps when its model is loaded and
 when each batch is done (`TimedScorer`, ResponseScorer plus two columns). Start-up is the time until the
@@ -19,15 +21,20 @@ and then 2 one-thread actors reports how the same code scales out with actors (o
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ftray.config import build_spec
+from ftray.config import RunSpec, build_spec
 from ftray.data import load_rows
-from ftray.data.inference import ResponseScorer, map_model, pool_size
+from ftray.data.inference import ResponseScorer, malloc_env, map_model, pool_size
 from ftray.methods import Context
 from ftray.models import DEFAULT_MODEL, default_autocast_dtype
 
@@ -56,16 +63,28 @@ class TimedScorer(ResponseScorer):
 
 
 def plain_loop(spec: Any, table: pa.Table, threads: int) -> pa.Table:
-    """The baseline: one process, one scorer, a Python loop over batches."""
-    import torch
+    """The baseline: one plain process (no Ray; ftray's allocator settings for its thread count), one scorer, a loop over batches.
 
-    prev = torch.get_num_threads()
-    try:
-        scorer = TimedScorer(spec.model_dump(mode="json"), threads=threads, scope="all")
-        bs = spec.data.infer_batch_size
-        return pa.concat_tables([scorer(table.slice(i, bs)) for i in range(0, table.num_rows, bs)])
-    finally:
-        torch.set_num_threads(prev)
+    Its clock starts after its imports (Ray Data's start-up includes its actors' imports, so this is the
+    stricter comparison) and stops at its last batch (`t_start` / `t_end` columns)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pq.write_table(table, f"{tmp}/in.parquet")
+        (Path(tmp) / "spec.json").write_text(spec.model_dump_json())
+        subprocess.run([sys.executable, "-m", "ftray.bench.data_throughput", tmp, str(threads)], check=True,
+                       env={**os.environ, **malloc_env(threads)})
+        return pq.read_table(f"{tmp}/out.parquet")
+
+
+def _plain_process(tmp: str, threads: str) -> None:
+    """`plain_loop`'s process: score tmp/in.parquet batch by batch into tmp/out.parquet."""
+    t_start = time.time()
+    spec = RunSpec.model_validate_json((Path(tmp) / "spec.json").read_text())
+    table, bs = pq.read_table(f"{tmp}/in.parquet"), spec.data.infer_batch_size
+    scorer = TimedScorer(spec.model_dump(mode="json"), threads=int(threads), scope="all")
+    out = pa.concat_tables([scorer(table.slice(i, bs)) for i in range(0, table.num_rows, bs)])
+    n = out.num_rows
+    out = out.append_column("t_start", pa.array([t_start] * n)).append_column("t_end", pa.array([time.time()] * n))
+    pq.write_table(out, f"{tmp}/out.parquet")
 
 
 def ray_data(spec: Any, table: pa.Table) -> pa.Table:
@@ -81,10 +100,13 @@ def ray_data(spec: Any, table: pa.Table) -> pa.Table:
 
 
 def timed(name: str, run: Callable[[pa.Table], pa.Table], rows: list[dict], **info: Any) -> dict[str, Any]:
-    """Run a contender on `rows`: total and rows/s from the driver's clock, start-up and steady rows/s from the scorers'."""
+    """Run a contender on `rows`: total and rows/s from the driver's clock (or the contender's), start-up and steady rows/s from the scorers'."""
     t0 = time.time()
     out = run(pa.Table.from_pylist(rows))
-    total = time.time() - t0
+    end = time.time()
+    if "t_start" in out.column_names:  # the contender's own clock (the plain process, after its imports)
+        t0, end = out.column("t_start")[0].as_py(), out.column("t_end")[0].as_py()
+    total = end - t0
     ready, done = min(out.column("t_ready").to_pylist()), max(out.column("t_done").to_pylist())
     n = len(rows)
     return {"contender": name, **info, "total_s": round(total, 2), "rows_per_s": round(n / total, 2),
@@ -100,7 +122,7 @@ def with_pool(spec: Any, actors: int | None, threads: int | None) -> Any:
 
 
 def main(rows: int = 2000, tokens: int = 128, batch_size: int = 16, out_dir: str = "bench_results", model: str = DEFAULT_MODEL,
-         scaling_rows: int = 256, actors: int | None = None, threads: int | None = None) -> dict[str, Any]:
+         scaling_rows: int = 256, actors: int | None = None, threads: int | None = None, check_rows: int = 64) -> dict[str, Any]:
     """Run both contenders (and the 1 → 2 actor scaling pass), write data_throughput.{json,md}; returns the report."""
     import ray
 
@@ -117,6 +139,7 @@ def main(rows: int = 2000, tokens: int = 128, batch_size: int = 16, out_dir: str
                  lambda t: ray_data(spec, t), data, actors=n_actors, threads=n_threads)
     plain = timed(f"plain loop ({n_actors * n_threads} threads)", lambda t: plain_loop(spec, t, n_actors * n_threads), data)
     diff = max(abs(a - b) for a, b in zip(plain["nll"], fast["nll"]))
+    check = plain_loop(spec, pa.Table.from_pylist(data[:check_rows]), n_threads).column("nll").to_pylist()
     small = bench_rows(scaling_rows)
     scale = [timed(f"{a} actor(s)", lambda t, s=with_pool(spec, a, 1): ray_data(s, t), small, actors=a) for a in (1, 2)]
     strip = lambda c: {k: v for k, v in c.items() if k != "nll"}  # noqa: E731
@@ -126,7 +149,8 @@ def main(rows: int = 2000, tokens: int = 128, batch_size: int = 16, out_dir: str
         "contenders": [strip(plain), strip(fast)],
         "ratio_total": round(fast["rows_per_s"] / plain["rows_per_s"], 3),
         "ratio_steady": round(fast["steady_rows_per_s"] / plain["steady_rows_per_s"], 3) if fast["steady_rows_per_s"] and plain["steady_rows_per_s"] else None,
-        "identical_scores": diff == 0.0, "max_abs_nll_diff": diff, "target": "Ray Data ≥ 0.95× plain rows/s at 2,000 rows, start-up included",
+        "identical_scores": check == fast["nll"][:check_rows], "check_rows": check_rows, "check_threads": n_threads,
+        "max_abs_nll_diff": diff, "target": "Ray Data ≥ 0.95× plain rows/s at 2,000 rows, start-up included",
         "scaling": {"rows": scaling_rows, "runs": [strip(c) for c in scale],
                     "speedup_1_to_2_actors": round(scale[0]["ms_per_row"] / scale[1]["ms_per_row"], 3) if scale[1]["ms_per_row"] else None},
     }
@@ -148,7 +172,10 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| {c['contender']} | {c['total_s']} | {c['rows_per_s']} | {c['startup_s']} | {c['ms_per_row']} | {c['steady_rows_per_s']} |"
               for c in r["contenders"]]
     lines += ["", f"Ray Data / plain, start-up included: **{r['ratio_total']:.3f}×** (target ≥ 0.95×: {'PASS' if r['pass'] else 'FAIL'}); "
-              f"steady state {r['ratio_steady']}×. Scores identical: {r['identical_scores']} (max |Δ nll| {r['max_abs_nll_diff']:.2e}).", "",
+              f"steady state {r['ratio_steady']}×.", "",
+              f"Scores identical bit for bit to the plain loop's with the actors' {r['check_threads']} thread(s) on the first "
+              f"{r['check_rows']} rows: {r['identical_scores']}. Against the {r['contenders'][0]['contender']} (other bf16 rounding): "
+              f"max |Δ nll| {r['max_abs_nll_diff']:.2e}.", "",
               "Start-up: until the first scorer has its model loaded; ms per row and steady rows/s: from then to the last batch "
               "(the scorers' own clocks).", "",
               f"Scaling out by actors ({r['scaling']['rows']} rows, one thread each):", "",
@@ -156,3 +183,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| {c['actors']} | {c['total_s']} | {c['startup_s']} | {c['ms_per_row']} | {c['steady_rows_per_s']} |" for c in r["scaling"]["runs"]]
     lines += ["", f"1 → 2 actors: {r['scaling']['speedup_1_to_2_actors']}× steady rows/s."]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    _plain_process(*sys.argv[1:])

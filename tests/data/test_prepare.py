@@ -8,7 +8,7 @@ import pytest
 
 from ftray.config import build_spec
 from ftray.data import load_rows
-from ftray.data.inference import Answerer, ResponseScorer, TextEmbedder, map_model, score_rows
+from ftray.data.inference import Answerer, ResponseScorer, TextEmbedder, map_model, pool_size, score_rows
 from ftray.data.prepare import MANIFEST, REPORT, prepare_training_data
 from ftray.methods import Context, Method, MethodConfig
 from ftray.models import load_model, load_tokenizer
@@ -71,6 +71,15 @@ def test_scores_on_ray_data_equal_the_in_process_scores_in_row_order(tmp_path, t
     tokenized = get_task(spec).tokenize(rows, tok, "t")
     want = score_rows(model, tokenized, tok.pad_token_id, None)
     assert [r["nll"] for r in got] == pytest.approx(want["nll"], rel=2e-2)  # actors use the loop's autocast (bf16 on CPU)
+
+
+def test_cpu_inference_pool_is_one_thread_actors_covering_the_clusters_cpus(tmp_path, tiny_model_dir, ray_local):
+    import ray
+
+    spec = _spec(tmp_path, tiny_model_dir)
+    assert pool_size(spec) == (int(ray.cluster_resources()["CPU"]), 1, 0)
+    spec.data.actors, spec.data.actor_threads = 1, 2
+    assert pool_size(spec) == (1, 2, 0)
 
 
 def test_answerer_and_embedder_add_their_columns(tmp_path, tiny_model_dir, ray_local):
