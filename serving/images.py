@@ -67,7 +67,12 @@ def is_vision_language(path: str) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     from ftray.eval.loading import task_of
+    from ftray.models import DEFAULT_MODEL, TINY_VLM, resolve_model_path
 
+    if path in (DEFAULT_MODEL, TINY_VLM):
+        # The bundled aliases answer from their local copy. Asked of the hub, an offline replica sat in
+        # huggingface_hub's retries for ~25 s per call (twice per start) before deciding "text model".
+        path = resolve_model_path(path)
     p = Path(path).expanduser()
     if (p / "ftray_spec.yaml").is_file():
         return task_of(p)[0] == "vision_language"
@@ -75,7 +80,7 @@ def is_vision_language(path: str) -> bool:
         return json.loads((p / "config.json").read_text()).get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     if p.exists():
         return False  # an adapter dir without a run spec, a GGUF, ...: loaded as a text model
-    try:  # a hub id (aliases such as smollm2-135m have no config here and are text models)
+    try:  # a hub id
         return AutoConfig.from_pretrained(path).model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     except (OSError, ValueError):
         return False

@@ -178,3 +178,16 @@ def test_pixel_limit_is_checked_before_decoding():
     with pytest.raises(OpenAIError) as info:
         load_image({"url": data_url(buf.getvalue())}, ImageLimits(), "p")
     assert info.value.status == 413 and "5000x5000" in info.value.message
+
+
+@pytest.mark.slow  # resolving smollm2-135m converts the bundled GGUF the first time
+def test_bundled_aliases_are_classified_without_asking_the_hub(monkeypatch):
+    from transformers import AutoConfig
+
+    from serving.images import is_vision_language
+
+    def offline(*args, **kwargs):
+        raise AssertionError(f"asked the hub for {args[0]!r}")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", offline)
+    assert is_vision_language("tiny-llava") and not is_vision_language("smollm2-135m")
