@@ -136,7 +136,9 @@ class GotD(Method):
     bench_metrics = ("ftray.methods.ppl_filter:selection_metrics",)
 
     def prepare_data(self, ds: ray.data.Dataset, ctx: Context) -> ray.data.Dataset:
-        """Embed pool and target (Ray Data actors), solve OT on the driver, keep the k best pool rows."""
+        """Embed pool and target in one Ray Data pass, solve OT on the driver, keep the k best pool rows."""
+        import operator
+
         import ray.data
 
         from ftray.data import load_rows
@@ -144,17 +146,23 @@ class GotD(Method):
 
         c = self.config
         text = RowText(c.max_chars)
-        pool = map_model(ds, TextEmbedder, ctx, text_of=text, model=c.encoder).materialize()
-        target_rows = load_rows(c.target, c.target_split, c.target_samples).to_list()
-        target = map_model(ray.data.from_items(target_rows), TextEmbedder, ctx, text_of=text, model=c.encoder)
-        x_pool = np.array([r["embedding"] for r in pool.select_columns(["embedding"]).take_all()])
-        x_target = np.array([r["embedding"] for r in target.select_columns(["embedding"]).take_all()])
+        pool = ds.materialize()  # fixed block order: the texts, the selection and the examples index the same rows
+        texts = [text(r) for r in pool.iter_rows()]
+        n_pool = len(texts)
+        texts += [text(r) for r in load_rows(c.target, c.target_split, c.target_samples).to_list()]
+        # One pass over pool + target (one actor pool, each actor loads the encoder once; it was two); the
+        # index column puts the embeddings back in order whatever order Ray Data's blocks finish in.
+        items = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)])
+        embedded = map_model(items, TextEmbedder, ctx, text_of=operator.itemgetter("text"), model=c.encoder)
+        rows = sorted(embedded.select_columns(["i", "embedding"]).take_all(), key=operator.itemgetter("i"))
+        x = np.array([r["embedding"] for r in rows])
+        x_pool, x_target = x[:n_pool], x[n_pool:]
         grad, eps = ot_gradients(x_target, x_pool, c.epsilon, c.relative_epsilon, c.max_iter, c.threshold, c.dense_max_entries)
         k = min(len(grad), c.rows or math.ceil(c.fraction * len(grad)))
         chosen = select_lowest(grad, k, c.contrast)
         keep = np.zeros(len(grad), bool)
         keep[chosen] = True
-        out = select_rows(pool.drop_columns(["embedding"]), keep.tolist(), {"ot_gradient": grad.tolist()})
+        out = select_rows(pool, keep.tolist(), {"ot_gradient": grad.tolist()})
         report: dict[str, Any] = {"rows_in": len(grad), "rows_selected": k, "target_rows": len(x_target), "epsilon": round(eps, 6),
                                   "gradient_selected_max": round(float(grad[chosen].max()), 6) if k else None,
                                   "gradient_median": round(float(np.median(grad)), 6)}
@@ -162,7 +170,7 @@ class GotD(Method):
             sources = [r["source"] for r in pool.select_columns(["source"]).take_all()]
             report["in_by_source"] = dict(sorted(Counter(sources).items()))
             report["kept_by_source"] = dict(sorted(Counter(sources[i] for i in chosen).items()))
-        first = pool.drop_columns(["embedding"]).take(min(len(grad), 500))
+        first = pool.take(min(len(grad), 500))
         ranked = sorted(range(len(first)), key=lambda i: grad[i])
         report["examples"] = [{"ot_gradient": round(float(grad[i]), 6), "selected": bool(keep[i]), "text": short(first[i])}
                               for i in ranked[:2] + ranked[-2:]]
