@@ -62,28 +62,23 @@ def refuse_images(request: ChatCompletionRequest, why: str) -> None:
 
 
 def is_vision_language(path: str) -> bool:
-    """Whether `path` (an ftray checkpoint, a local HF dir or a hub id) is an image-text-to-text model."""
-    from transformers import AutoConfig
+    """Whether `path` (an ftray checkpoint, a local HF dir, an alias or a hub id) is an image-text-to-text model."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     from ftray.eval.loading import task_of
-    from ftray.models import DEFAULT_MODEL, TINY_VLM, resolve_model_path
+    from ftray.models import resolve_model_path
 
-    if path in (DEFAULT_MODEL, TINY_VLM):
-        # The bundled aliases answer from their local copy. Asked of the hub, an offline replica sat in
-        # huggingface_hub's retries for ~25 s per call (twice per start) before deciding "text model".
-        path = resolve_model_path(path)
     p = Path(path).expanduser()
+    if not p.exists():
+        # An alias (smollm2-135m, tiny-llava) or a hub id: the local copy the loader reads next. Asking the
+        # hub for an alias's config instead sat in huggingface_hub's retries offline (~25 s a call, twice
+        # per replica start) and called tiny-llava a text model.
+        p = Path(resolve_model_path(path))
     if (p / "ftray_spec.yaml").is_file():
         return task_of(p)[0] == "vision_language"
     if (p / "config.json").is_file():
         return json.loads((p / "config.json").read_text()).get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    if p.exists():
-        return False  # an adapter dir without a run spec, a GGUF, ...: loaded as a text model
-    try:  # a hub id
-        return AutoConfig.from_pretrained(path).model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    except (OSError, ValueError):
-        return False
+    return False  # an adapter dir without a run spec, a GGUF, ...: loaded as a text model
 
 
 def load_vision_language(path: str) -> tuple[Any, Any]:
